@@ -1,0 +1,14 @@
+"""tmbx: Template Model Builder in JAX.
+
+Write a negative log-likelihood over fixed parameters and latent effects in
+JAX; tmbx integrates the latent effects out with a Laplace approximation
+(exact gradients by implicit differentiation, sparse Hessians), fits, and
+reports standard errors as TMB's ``sdreport`` does. On top of the engine,
+``tmbx.glmm`` fits glmmTMB's formulas on pandas data frames.
+"""
+
+from . import _config  # noqa: F401  (float64 and the compilation cache, first)
+from ._datasets import list_datasets, load_dataset
+
+__all__ = ["list_datasets", "load_dataset"]
+__version__ = "0.1.0"
