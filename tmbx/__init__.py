@@ -9,6 +9,13 @@ reports standard errors as TMB's ``sdreport`` does. On top of the engine,
 
 from . import _config  # noqa: F401  (float64 and the compilation cache, first)
 from ._datasets import list_datasets, load_dataset
+from ._laplace import InnerOptions
+from ._model import BatchFit, Fit, LatentGaussian, Model
+from ._optim import BFGSOptions
+from ._sdreport import SDReport
 
-__all__ = ["list_datasets", "load_dataset"]
+__all__ = [
+    "BFGSOptions", "BatchFit", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
+    "list_datasets", "load_dataset",
+]
 __version__ = "0.1.0"

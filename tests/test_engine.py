@@ -1,0 +1,270 @@
+"""Engine core: TMB's examples, closed forms, implicit gradients, map, batches, errors."""
+
+import importlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.stats as jst
+import numpy as np
+import pytest
+import scipy.stats as st
+
+import tmbx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+TMB = {r["id"]: r for r in json.load(open(os.path.join(HERE, "data", "tmb_examples.json")))}
+
+
+def _rel(a, b):
+    return np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), 1e-12))
+
+
+# ------------------------------------------------------------------ TMB's examples
+@pytest.mark.parametrize("case,module", [
+    ("simple", "tmb_simple"), ("randomregression", "tmb_randomregression"), ("ar1xar1_50", "tmb_ar1xar1"),
+])
+def test_tmb_examples_match_tmb(case, module):
+    ref = TMB[case]
+    model = importlib.import_module(module).build()
+    fit = model.fit()
+    assert fit.converged, fit.message
+    assert abs(fit.loglik - ref["logLik"]) < 1e-4
+    rep = fit.sdreport()
+    for name, val in ref["par"].items():
+        assert _rel(fit.par[name], val) < 1e-3, name
+        assert _rel(rep.se[name], ref["se"][name]) < 1e-3, name
+    assert model.space.n_u == ref["n_random"]
+    if "adreport" in ref:
+        for name, est, se in zip(ref["adreport"]["names"], ref["adreport"]["est"], ref["adreport"]["se"]):
+            assert _rel(rep.report_value[name], est) < 1e-3
+            assert _rel(rep.report_se[name], se) < 1e-3
+
+
+def test_ar1xar1_uses_a_banded_layout():
+    model = importlib.import_module("tmb_ar1xar1").build()
+    assert model.laplace.layout.kind == "banded"
+    assert model.laplace.layout.s <= 60  # blocks of the lattice's bandwidth, not 2500
+
+
+# ------------------------------------------------------------------ closed forms
+def _lmm_data(seed=0, n_groups=12, per=6):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), per)
+    x = rng.normal(size=g.size)
+    y = 1.0 + 0.5 * x + rng.normal(scale=0.8, size=n_groups)[g] + rng.normal(scale=0.6, size=g.size)
+    return dict(y=y, x=x, g=g), n_groups
+
+
+def _lmm_nll(p, d):
+    mu = p["beta"][0] + p["beta"][1] * d["x"] + p["b"][d["g"]]
+    lik = -jnp.sum(jst.norm.logpdf(d["y"], mu, jnp.exp(p["logsd"])))
+    return lik - jnp.sum(jst.norm.logpdf(p["b"], 0.0, jnp.exp(p["logsdb"])))
+
+
+def _dense_marginal(d, beta, logsd, logsdb, ng):
+    Z = np.eye(ng)[d["g"]]
+    V = np.exp(2 * logsdb) * Z @ Z.T + np.exp(2 * logsd) * np.eye(len(d["y"]))
+    mean = beta[0] + beta[1] * d["x"]
+    return -st.multivariate_normal(mean, V).logpdf(d["y"])
+
+
+def test_laplace_is_exact_for_gaussian_lmm():
+    d, ng = _lmm_data()
+    params = dict(beta=np.zeros(2), logsd=0.0, logsdb=0.0, b=np.zeros(ng))
+    model = tmbx.Model(_lmm_nll, params, data=d, random=["b"])
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = rng.normal(size=4)
+        expect = _dense_marginal(d, x[:2], x[2], x[3], ng)
+        assert abs(model.fn(x) - expect) < 1e-8
+
+
+def test_reml_by_integrating_fixed_effects():
+    """beta in `random` gives the REML criterion: log|X'V^-1X|/2 added, flat prior on beta."""
+    d, ng = _lmm_data(seed=3)
+    params = dict(beta=np.zeros(2), logsd=0.0, logsdb=0.0, b=np.zeros(ng))
+    model = tmbx.Model(_lmm_nll, params, data=d, random=["b", "beta"])
+    x = np.array([0.2, -0.3])
+    Z = np.eye(ng)[d["g"]]
+    V = np.exp(2 * x[1]) * Z @ Z.T + np.exp(2 * x[0]) * np.eye(len(d["y"]))
+    X = np.column_stack([np.ones_like(d["x"]), d["x"]])
+    Vi = np.linalg.inv(V)
+    bhat = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ d["y"])
+    ml = -st.multivariate_normal(X @ bhat, V).logpdf(d["y"])
+    reml = ml + 0.5 * np.linalg.slogdet(X.T @ Vi @ X)[1] - 0.5 * 2 * math.log(2 * math.pi)
+    assert abs(model.fn(x) - reml) < 1e-8
+
+
+# ------------------------------------------------------------------ gradients
+def _fd(fn, x, h=1e-5):
+    x = np.asarray(x, float)
+    return np.array([(fn(x + h * e) - fn(x - h * e)) / (2 * h) for e in np.eye(len(x))])
+
+
+def _glmm_data(seed=0, ng=15, per=8):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(ng), per)
+    x = rng.normal(size=g.size)
+    eta = 0.3 + 0.4 * x + rng.normal(scale=0.7, size=ng)[g]
+    return dict(y=rng.poisson(np.exp(eta)).astype(float), x=x, g=g), ng
+
+
+def _poisson_nll(p, d):
+    eta = p["beta"][0] + p["beta"][1] * d["x"] + p["b"][d["g"]]
+    lik = -jnp.sum(d["y"] * eta - jnp.exp(eta) - jax.scipy.special.gammaln(d["y"] + 1))
+    return lik - jnp.sum(jst.norm.logpdf(p["b"], 0.0, jnp.exp(p["logsdb"])))
+
+
+def _nb_nll(p, d):
+    eta = p["beta"][0] + p["beta"][1] * d["x"] + p["b"][d["g"]]
+    theta = jnp.exp(p["logtheta"])
+    mu = jnp.exp(eta)
+    lik = -jnp.sum(jst.nbinom.logpmf(d["y"], theta, theta / (theta + mu)))
+    return lik - jnp.sum(jst.norm.logpdf(p["b"], 0.0, jnp.exp(p["logsdb"])))
+
+
+@pytest.mark.parametrize("kind", ["poisson", "nbinom", "ar1xar1"])
+def test_gradient_matches_finite_differences(kind):
+    if kind == "ar1xar1":
+        model = importlib.import_module("tmb_ar1xar1").build()
+        x = np.array([0.9, 1.2])
+    else:
+        d, ng = _glmm_data()
+        params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
+        nll = _poisson_nll
+        if kind == "nbinom":
+            params["logtheta"] = 1.0
+            nll = _nb_nll
+        model = tmbx.Model(nll, params, data=d, random=["b"])
+        x = np.array([0.2, 0.3, -0.4] + ([0.8] if kind == "nbinom" else []))
+    g = model.gr(x)
+    fd = _fd(model.fn, x)
+    np.testing.assert_allclose(g, fd, rtol=2e-6, atol=2e-6)
+
+
+def test_exact_hessian_matches_finite_differences_of_gradient():
+    d, ng = _glmm_data(seed=2)
+    model = tmbx.Model(_poisson_nll, dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng)), data=d,
+                       random=["b"])
+    x = np.array([0.1, 0.2, -0.5])
+    H = model.he(x)
+    fd = np.stack([(model.gr(x + 1e-5 * e) - model.gr(x - 1e-5 * e)) / 2e-5 for e in np.eye(3)])
+    np.testing.assert_allclose(H, fd, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ map, batch, simulate
+def test_map_fixes_and_shares_parameters():
+    d, ng = _lmm_data(seed=5)
+    params = dict(beta=np.array([0.0, 0.5]), logsd=0.0, logsdb=0.0, b=np.zeros(ng))
+    # hold beta[1] at 0.5
+    fixed = tmbx.Model(_lmm_nll, params, data=d, random=["b"], map={"beta": [0, None]}).fit()
+    assert fixed.par["beta"][1] == 0.5
+    offset = dict(d, y=d["y"] - 0.5 * d["x"])
+    params0 = dict(params, beta=np.zeros(2))
+    ref = tmbx.Model(_lmm_nll, params0, data=offset, random=["b"], map={"beta": [0, None]}).fit()
+    assert abs(fixed.loglik - ref.loglik) < 1e-8
+    # share (TMB's map levels within a parameter): beta[0] == beta[1], i.e. one
+    # coefficient on (1 + x)
+    shared = tmbx.Model(_lmm_nll, params, data=d, random=["b"], map={"beta": ["s", "s"]})
+    assert shared.space.n_x == 3
+    fit = shared.fit()
+    assert fit.par["beta"][0] == fit.par["beta"][1]
+    rep = fit.sdreport()
+    assert rep.se["beta"][0] == rep.se["beta"][1]
+    one = lambda p, d: _lmm_nll(dict(p, beta=jnp.stack([p["c"], p["c"]])), d)
+    ref = tmbx.Model(one, dict(c=0.0, logsd=0.0, logsdb=0.0, b=np.zeros(ng)), data=d, random=["b"]).fit()
+    assert abs(ref.loglik - fit.loglik) < 1e-8
+    assert abs(ref.sdreport().se["c"] - rep.se["beta"][0]) < 1e-5
+
+
+def _sim_poisson(p, d, key):
+    k1, k2 = jax.random.split(key)
+    b = jnp.exp(p["logsdb"]) * jax.random.normal(k1, p["b"].shape)
+    eta = p["beta"][0] + p["beta"][1] * d["x"] + b[d["g"]]
+    return dict(d, y=jax.random.poisson(k2, jnp.exp(eta)).astype(jnp.float64))
+
+
+def test_batch_fit_equals_single_fits():
+    d, ng = _glmm_data(seed=7)
+    params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
+    model = tmbx.Model(_poisson_nll, params, data=d, random=["b"], simulate=_sim_poisson)
+    sims = model.simulate(nsim=8, seed=1, par=dict(beta=np.array([0.3, 0.4]), logsdb=np.log(0.7)))
+    assert sims["y"].shape == (8, d["y"].size)
+    batch = model.fit_batch(sims)
+    assert batch.converged.all()
+    for i in range(8):
+        di = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), sims)
+        single = tmbx.Model(_poisson_nll, params, data=di, random=["b"]).fit()
+        assert abs(single.loglik - batch.loglik[i]) < 1e-6
+        np.testing.assert_allclose(single.x, batch.x[i], atol=1e-4)
+        assert abs(batch[i].loglik - single.loglik) < 1e-6
+
+
+def test_simulate_then_refit_recovers_parameters():
+    d, ng = _glmm_data(seed=11, ng=60, per=10)
+    params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
+    model = tmbx.Model(_poisson_nll, params, data=d, random=["b"], simulate=_sim_poisson)
+    truth = dict(beta=np.array([0.5, -0.3]), logsdb=np.log(0.6))
+    sims = model.simulate(nsim=16, seed=3, par=truth)
+    est = model.fit_batch(sims).par
+    assert abs(est["beta"][:, 0].mean() - 0.5) < 0.1
+    assert abs(est["beta"][:, 1].mean() + 0.3) < 0.05
+    assert abs(np.exp(est["logsdb"]).mean() - 0.6) < 0.1
+
+
+# ------------------------------------------------------------------ latent-Gaussian path
+def test_latent_gaussian_path_matches_colored_path():
+    rng = np.random.default_rng(4)
+    na, nb, N = 40, 7, 400
+    a, b = rng.integers(0, na, N), rng.integers(0, nb, N)
+    y = rng.poisson(np.exp(0.2 + rng.normal(0, 0.5, na)[a] + rng.normal(0, 0.5, nb)[b])).astype(float)
+    d = dict(y=y, a=a, b=b)
+    params = dict(beta=0.0, lsa=0.0, lsb=0.0, u=np.zeros(na + nb))
+    eta = lambda p, d: p["beta"] + p["u"][d["a"]] + p["u"][na + d["b"]]
+    obs = lambda e, p, d: -(d["y"] * e - jnp.exp(e))
+    lat = lambda p, d: -jnp.sum(jst.norm.logpdf(p["u"][:na], 0, jnp.exp(p["lsa"]))) - jnp.sum(
+        jst.norm.logpdf(p["u"][na:], 0, jnp.exp(p["lsb"])))
+    lg = tmbx.LatentGaussian(eta=eta, obs_nll=obs, latent_nll=lat)
+    m1 = tmbx.Model(None, params, data=d, random=["u"], latent_gaussian=lg, layout="arrow")
+    m2 = tmbx.Model(lg.nll, params, data=d, random=["u"], layout="dense")
+    assert m1.laplace.layout.kind == "arrow" and m1.laplace.layout.t == nb
+    x = np.array([0.1, -0.2, 0.3])
+    assert abs(m1.fn(x) - m2.fn(x)) < 1e-9
+    np.testing.assert_allclose(m1.gr(x), m2.gr(x), rtol=1e-8, atol=1e-9)
+    f1, f2 = m1.fit(), m2.fit()
+    assert abs(f1.loglik - f2.loglik) < 1e-8
+    np.testing.assert_allclose(f1.sdreport().se_random["u"], f2.sdreport().se_random["u"], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_templates_give_clear_errors():
+    d, ng = _lmm_data()
+    params = dict(beta=np.zeros(2), logsd=0.0, logsdb=0.0, b=np.zeros(ng))
+    with pytest.raises(ValueError, match="scalar"):
+        tmbx.Model(lambda p, d: p["b"] ** 2, params, data=d, random=["b"])
+    with pytest.raises(ValueError, match="start values"):
+        tmbx.Model(lambda p, d: _lmm_nll(p, d) + jnp.log(p["logsd"]), params, data=d, random=["b"])
+    with pytest.raises(ValueError, match="not parameters"):
+        tmbx.Model(_lmm_nll, params, data=d, random=["u"])
+    with pytest.raises(ValueError, match="not parameters"):
+        tmbx.Model(_lmm_nll, params, data=d, random=["b"], map={"sigma": [None]})
+    with pytest.raises(ValueError, match="entries"):
+        tmbx.Model(_lmm_nll, params, data=d, random=["b"], map={"beta": [0]})
+
+
+def test_inner_problem_without_finite_optimum_is_reported():
+    d, ng = _glmm_data()
+    # the random effects enter linearly and without a prior: no finite minimum in b
+    nll = lambda p, d: jnp.sum((d["y"] - p["beta"]) ** 2) - jnp.sum(p["b"][d["g"]])
+    model = tmbx.Model(nll, dict(beta=0.0, b=np.zeros(ng)), data=d, random=["b"])
+    with pytest.warns(RuntimeWarning, match="random effects"):
+        model.fn(np.array([0.0]))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        fit = model.fit()
+    assert not fit.converged

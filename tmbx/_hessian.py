@@ -1,0 +1,174 @@
+"""Sparse Hessians of the joint nll with respect to the latent effects.
+
+Two evaluators produce the Hessian's values directly in a layout's flat
+storage (see `_sparse.py`), never as a dense ``n_u x n_u`` matrix:
+
+- `ColoredHessian` (any template): the pattern is read off the jaxpr by
+  asdex, coloured (star colouring), and the values come from one
+  Hessian-vector product per colour.
+- `LatentGaussianHessian` (templates that declare a linear predictor):
+  ``H = J^T W J + H_latent``, with ``J = d eta / d u`` (sparse, a handful of
+  colours even for crossed factors), ``W`` the per-observation second
+  derivatives of the observation nll with respect to ``eta`` and
+  ``H_latent`` the (block-structured) Hessian of the latent density.
+
+Both store an extra dummy slot at the end of the flat vector: pattern
+entries that a layout keeps only once (the upper triangle of off-diagonal
+blocks) are sent there, so scatters need no masks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import asdex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._sparse import choose_layout
+
+
+def _seeds(colors: np.ndarray, num_colors: int) -> np.ndarray:
+    """(num_colors, n) 0/1 seed matrix: one row per colour."""
+    n = colors.shape[0]
+    S = np.zeros((max(num_colors, 1), n))
+    active = colors >= 0
+    S[colors[active], np.nonzero(active)[0]] = 1.0
+    return S
+
+
+def _slots_with_dummy(layout, rows, cols):
+    slots = layout.slots(rows, cols)
+    return np.where(slots < 0, layout.size, slots).astype(np.int32)
+
+
+class ColoredHessian:
+    """Hessian of ``f(x, u, data)`` in ``u`` by coloured Hessian-vector products."""
+
+    def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None):
+        self.f = f
+        n = u0.shape[0]
+        fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
+        coloring = asdex.hessian_coloring(fu, u0)
+        self.coloring = coloring
+        sp = coloring.sparsity
+        rows, cols = np.asarray(sp.rows), np.asarray(sp.cols)
+        diag = np.arange(n)
+        rows = np.concatenate([rows, diag])  # keep the diagonal in the layout
+        cols = np.concatenate([cols, diag])
+        self.rows, self.cols = rows, cols
+        self.layout = layout or choose_layout(n, rows, cols, force=layout_kind)
+        self.seeds = jnp.asarray(_seeds(np.asarray(coloring.colors), coloring.num_colors))
+        self.slots = jnp.asarray(_slots_with_dummy(self.layout, rows[: len(sp.rows)], cols[: len(sp.cols)]))
+        self.num_colors = coloring.num_colors
+
+    def __call__(self, x, u, data):
+        g = lambda uu: jax.grad(self.f, argnums=1)(x, uu, data)
+        hvp = lambda s: jax.jvp(g, (u,), (s,))[1]
+        B = jax.vmap(hvp)(self.seeds)
+        vals = asdex.decompress_data(B[: self.num_colors], self.coloring)
+        flat = jnp.zeros(self.layout.size + 1, vals.dtype)
+        return flat.at[self.slots].add(vals)
+
+
+class LatentGaussianHessian:
+    """``H = J^T W J + H_latent`` for ``f = sum(obs_nll(eta)) + latent_nll``.
+
+    ``eta_fn(x, u, data)`` returns the linear predictor(s), shape ``(N,)`` or
+    ``(N, K)``, linear in ``u``; ``obs_nll(eta, x, u, data)`` the per-observation
+    nll ``(N,)`` (depending on ``u`` only through ``eta``); ``latent_nll(x, u,
+    data)`` a scalar.
+    """
+
+    def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None):
+        self.eta_fn, self.obs_nll, self.latent_nll = eta_fn, obs_nll, latent_nll
+        n = u0.shape[0]
+        eta0 = eta_fn(x0, u0, data0)
+        self.K = 1 if eta0.ndim == 1 else eta0.shape[1]
+        self.N = eta0.shape[0]
+        flat_eta = lambda u: eta_fn(x0, u, data0).reshape(-1)
+        jcol = asdex.jacobian_coloring(flat_eta, u0)
+        self.jcoloring = jcol
+        sp = jcol.sparsity
+        jr, jc = np.asarray(sp.rows), np.asarray(sp.cols)
+        # latent part
+        lat = lambda u: latent_nll(x0, u, data0)
+        self.lat = ColoredHessianPart(lat, u0).bind(latent_nll)
+        # per-observation nonzeros of J: (N, R) indices into J's value vector
+        obs, pred = jr // self.K, jr % self.K
+        order = np.lexsort((jc, obs))
+        counts = np.bincount(obs, minlength=self.N)
+        R = int(counts.max()) if len(counts) else 0
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank = np.arange(len(order)) - start[obs[order]]
+        ent = np.full((self.N, R), len(jr), np.int64)  # pad -> a zero value
+        ent[obs[order], rank] = order
+        ucol = np.zeros((self.N, R), np.int64)
+        ucol[obs[order], rank] = jc[order]
+        prd = np.zeros((self.N, R), np.int64)
+        prd[obs[order], rank] = pred[order]
+        self.ent, self.prd, self.R = jnp.asarray(ent, jnp.int32), jnp.asarray(prd, jnp.int32), R
+        # pattern: J^T J pairs within observations, the latent pattern, the diagonal
+        pr = np.broadcast_to(ucol[:, :, None], (self.N, R, R)).reshape(-1)
+        pc = np.broadcast_to(ucol[:, None, :], (self.N, R, R)).reshape(-1)
+        valid = np.broadcast_to((ent < len(jr))[:, :, None] & (ent < len(jr))[:, None, :], (self.N, R, R)).reshape(-1)
+        diag = np.arange(n)
+        allr = np.concatenate([pr[valid], self.lat.rows, diag])
+        allc = np.concatenate([pc[valid], self.lat.cols, diag])
+        key = np.unique(allr * n + allc)
+        rows, cols = key // n, key % n
+        self.rows, self.cols = rows, cols
+        self.layout = choose_layout(n, rows, cols, force=layout_kind)
+        s = self.layout.slots(pr, pc)
+        s = np.where(valid & (s >= 0), s, self.layout.size)
+        self.obs_slots = jnp.asarray(s.reshape(self.N, R, R), jnp.int32)
+        self.lat_slots = jnp.asarray(_slots_with_dummy(self.layout, self.lat.rows, self.lat.cols))
+        self.jseeds = jnp.asarray(_seeds(np.asarray(jcol.colors), jcol.num_colors))
+
+    def jacobian_values(self, x, u, data):
+        f = lambda uu: self.eta_fn(x, uu, data).reshape(-1)
+        jvp = lambda s: jax.jvp(f, (u,), (s,))[1]
+        B = jax.vmap(jvp)(self.jseeds)
+        return asdex.decompress_data(B[: self.jcoloring.num_colors], self.jcoloring)
+
+    def weights(self, x, u, data):
+        """Per-observation Hessian blocks of obs_nll in eta: (N, K, K)."""
+        eta = self.eta_fn(x, u, data)
+        total = lambda e: jnp.sum(self.obs_nll(e, x, u, data))
+        g = jax.grad(total)
+        if self.K == 1:
+            return jax.jvp(g, (eta,), (jnp.ones_like(eta),))[1][:, None, None]
+        cols = [jax.jvp(g, (eta,), (jnp.zeros_like(eta).at[:, k].set(1.0),))[1] for k in range(self.K)]
+        return jnp.stack(cols, axis=2)
+
+    def __call__(self, x, u, data):
+        jv = self.jacobian_values(x, u, data)
+        jv = jnp.concatenate([jv, jnp.zeros(1, jv.dtype)])[self.ent]  # (N, R)
+        W = self.weights(x, u, data)
+        Wpq = W[jnp.arange(self.N)[:, None, None], self.prd[:, :, None], self.prd[:, None, :]]
+        contrib = jv[:, :, None] * jv[:, None, :] * Wpq
+        flat = jnp.zeros(self.layout.size + 1, jv.dtype)
+        flat = flat.at[self.obs_slots.reshape(-1)].add(contrib.reshape(-1))
+        return flat.at[self.lat_slots].add(self.lat(x, u, data))
+
+
+class ColoredHessianPart:
+    """Coloured Hessian values (pattern order) of a scalar ``g(x, u, data)``'s ``u`` part."""
+
+    def __init__(self, g0, u0):
+        self.coloring = asdex.hessian_coloring(g0, u0)
+        sp = self.coloring.sparsity
+        self.rows, self.cols = np.asarray(sp.rows), np.asarray(sp.cols)
+        self.seeds = jnp.asarray(_seeds(np.asarray(self.coloring.colors), self.coloring.num_colors))
+        self.fn = None
+
+    def bind(self, g):
+        self.fn = g
+        return self
+
+    def __call__(self, x, u, data):
+        gr = lambda uu: jax.grad(self.fn, argnums=1)(x, uu, data)
+        hvp = lambda s: jax.jvp(gr, (u,), (s,))[1]
+        B = jax.vmap(hvp)(self.seeds)
+        return asdex.decompress_data(B[: self.coloring.num_colors], self.coloring)

@@ -1,0 +1,372 @@
+"""`Model`: a template (nll over fixed and latent parameters) made fittable.
+
+The pipeline reads as TMB's ``MakeADFun`` + ``nlminb`` + ``sdreport``::
+
+    model = tmbx.Model(nll, params, data=d, random=["u"])
+    fit = model.fit()            # one compiled program: BFGS over the Laplace marginal
+    rep = fit.sdreport()         # delta method on the exact Hessian of the marginal
+
+Everything numeric is a pure function of ``(x, u0, data)``: ``x`` the free
+fixed parameters, ``u0`` the warm start of the latent effects and ``data`` the
+template's data pytree. That is what lets one compiled fit serve refits,
+batches (`fit_batch`, by `vmap`) and simulations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._hessian import ColoredHessian, LatentGaussianHessian
+from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
+from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
+from ._params import ParamSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentGaussian:
+    """Declares that a template's nll is ``sum(obs_nll(eta)) + latent_nll`` with
+    ``eta`` linear in the random effects.
+
+    - ``eta(p, d)``: linear predictor(s), shape ``(N,)`` or ``(N, K)``;
+    - ``obs_nll(eta, p, d)``: per-observation nll, shape ``(N,)``, depending on the
+      random effects only through ``eta``;
+    - ``latent_nll(p, d)``: the random effects' prior nll (a scalar).
+
+    The engine then builds the latent Hessian as ``J' W J + H_latent``
+    (``J = d eta / d u``, ``W`` per-observation curvatures), which stays cheap
+    for crossed random effects where colouring the whole Hessian does not.
+    """
+
+    eta: Callable
+    obs_nll: Callable
+    latent_nll: Callable
+
+    def nll(self, p, d):
+        return jnp.sum(self.obs_nll(self.eta(p, d), p, d)) + self.latent_nll(p, d)
+
+
+def _as_data(data):
+    if data is None:
+        return {}
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a), data)
+
+
+class Model:
+    """A template model: ``nll(p, d)`` with ``p`` a dict of named parameters.
+
+    Parameters
+    ----------
+    nll : callable ``(p, d) -> scalar``, the joint negative log-likelihood.
+    params : dict name -> start value (scalar or array).
+    data : any pytree of arrays (the template's ``DATA_*``).
+    random : names of parameters integrated out by the Laplace approximation
+        (TMB's ``random``); put fixed effects here too for REML.
+    map : TMB's ``map``: name -> per-element factor levels; ``None``/NaN holds
+        an element at its start value, equal levels share one value.
+    report : ``(p, d) -> dict`` of derived quantities (TMB's ``ADREPORT``);
+        ``sdreport`` gives their delta-method standard errors.
+    simulate : ``(p, d, key) -> new data`` (TMB's ``SIMULATE`` block).
+    latent_gaussian : a `LatentGaussian` declaration (then ``nll`` may be None).
+    layout : force the latent Hessian's layout ("dense", "arrow", "banded").
+    """
+
+    def __init__(self, nll=None, params=None, data=None, random=None, map=None, *,
+                 report=None, simulate=None, latent_gaussian: LatentGaussian | None = None,
+                 layout: str | None = None, inner: InnerOptions = InnerOptions(),
+                 outer: BFGSOptions = BFGSOptions(), nagq: int = 1, groups=None):
+        if nll is None and latent_gaussian is None:
+            raise TypeError("Model needs a template: nll(p, d) or latent_gaussian=LatentGaussian(...)")
+        if nll is None:
+            nll = latent_gaussian.nll
+        if isinstance(random, str):
+            random = [random]
+        self.nll = nll
+        self.space = ParamSpace(params, random, map)
+        self.data = _as_data(data)
+        self.report_fn = report
+        self.simulate_fn = simulate
+        self.options = outer
+        if nagq != 1 or groups is not None:
+            raise NotImplementedError(
+                "adaptive Gauss-Hermite quadrature (nagq > 1) is not available yet; use the "
+                "Laplace approximation (nagq=1)"
+            )
+        space = self.space
+        self.f = lambda x, u, d: nll(space.unflatten(x, u), d)
+        x0 = jnp.asarray(space.start("x"))
+        u0 = jnp.asarray(space.start("u"))
+        self._check_template(x0, u0)
+        if space.n_u:
+            if latent_gaussian is not None:
+                lg = latent_gaussian
+                hess = LatentGaussianHessian(
+                    lambda x, u, d: lg.eta(space.unflatten(x, u), d),
+                    lambda e, x, u, d: lg.obs_nll(e, space.unflatten(x, u), d),
+                    lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
+                    x0, u0, self.data, layout_kind=layout,
+                )
+            else:
+                hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)
+            self.laplace = Laplace(self.f, hess, space.n_u, inner)
+        else:
+            self.laplace = None
+        self._u_last = u0
+        self._compile()
+
+    # ------------------------------------------------------------------ setup
+    def _check_template(self, x0, u0):
+        try:
+            out = jax.eval_shape(self.f, x0, u0, self.data)
+        except Exception as e:  # shape errors in the user's template
+            raise ValueError(f"The template failed on the start values: {type(e).__name__}: {e}") from e
+        if out.shape != ():
+            raise ValueError(
+                f"The template must return a scalar negative log-likelihood; it returned shape "
+                f"{out.shape}. Sum the per-observation terms (jnp.sum(...))."
+            )
+        val = float(jax.jit(self.f)(x0, u0, self.data))
+        if not np.isfinite(val):
+            raise ValueError(
+                f"The template's nll is {val} at the start values. Choose start values inside the "
+                "parameters' support (e.g. log-scale sds at 0, not sds at 0) and check the template "
+                "for log(0) or exp overflow."
+            )
+
+    def _objective(self, x, u0, d):
+        if self.laplace is None:
+            return self.f(x, u0, d), (u0, jnp.asarray(INNER_OK))
+        return self.laplace.objective(x, u0, d)
+
+    def _compile(self):
+        def vg(x, u0, d):
+            (val, (u, status)), g = jax.value_and_grad(self._objective, has_aux=True)(x, u0, d)
+            bad = status != INNER_OK
+            val = jnp.where(bad, jnp.inf, val)
+            return val, g, u
+
+        self._vg = vg
+        self._value = jax.jit(lambda x, u0, d: self._objective(x, u0, d))
+        self._value_grad = jax.jit(vg)
+        grad = lambda x, u0, d: vg(x, u0, d)[1]
+        self._hess = jax.jit(jax.jacfwd(grad))
+        self._fit_core = jax.jit(self._fit_impl)
+        self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
+
+    def _fit_impl(self, x0, u0, d):
+        res = bfgs(self._vg, x0, u0, d, self.options)
+        return dict(x=res["x"], u=res["aux"], f=res["f"], g=res["g"], status=res["status"],
+                    iterations=res["iterations"], hessian=res["hessian"])
+
+    # ------------------------------------------------------------- TMB-like
+    @property
+    def par(self) -> np.ndarray:
+        """Start values of the free fixed parameters (TMB's ``obj$par``)."""
+        return self.space.start("x")
+
+    def fn(self, x=None) -> float:
+        """Laplace marginal nll at the fixed-parameter vector ``x`` (TMB's ``obj$fn``)."""
+        x = self.par if x is None else x
+        val, (u, status) = self._value(jnp.asarray(x, jnp.float64), self._u_last, self.data)
+        if int(status) != INNER_OK:
+            warnings.warn(INNER_MESSAGES[int(status)], RuntimeWarning, stacklevel=2)
+        else:
+            self._u_last = u
+        return float(val)
+
+    def gr(self, x=None) -> np.ndarray:
+        """Exact gradient of `fn` (TMB's ``obj$gr``)."""
+        x = self.par if x is None else x
+        val, g, u = self._value_grad(jnp.asarray(x, jnp.float64), self._u_last, self.data)
+        if np.isfinite(float(val)):
+            self._u_last = u
+        return np.asarray(g)
+
+    def he(self, x=None) -> np.ndarray:
+        """Exact Hessian of `fn` (by differentiating the implicit gradient)."""
+        x = self.par if x is None else x
+        return np.asarray(self._hess(jnp.asarray(x, jnp.float64), self._u_last, self.data))
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, start: dict | None = None) -> "Fit":
+        """Maximize the Laplace marginal likelihood; returns a `Fit`."""
+        x0, u0 = self._starts(start)
+        res = jax.tree_util.tree_map(np.asarray, self._fit_core(x0, u0, self.data))
+        fit = Fit(self, self.data, res)
+        fit._warn()
+        return fit
+
+    def _starts(self, start):
+        if start is None:
+            return jnp.asarray(self.space.start("x")), jnp.asarray(self.space.start("u"))
+        unknown = [k for k in start if k not in self.space.names]
+        if unknown:
+            raise ValueError(f"start names {unknown} are not parameters ({self.space.names})")
+        p = {k: self.space.starts[k].reshape(self.space.shapes[k]) for k in self.space.names}
+        p.update({k: np.asarray(v, np.float64) for k, v in start.items()})
+        return jnp.asarray(self.space.flatten(p, "x")), jnp.asarray(self.space.flatten(p, "u"))
+
+    def fit_batch(self, data, start: dict | None = None) -> "BatchFit":
+        """Fit the model to a batch of data sets stacked on a leading axis (one `vmap`)."""
+        data = _as_data(data)
+        x0, u0 = self._starts(start)
+        res = jax.tree_util.tree_map(np.asarray, self._fit_batch(x0, u0, data))
+        return BatchFit(self, data, res)
+
+    # ------------------------------------------------------------- simulate
+    def simulate(self, nsim: int | None = None, seed: int = 0, par: dict | None = None):
+        """Simulate data sets from the template's ``simulate(p, d, key)``.
+
+        ``par``: parameters to simulate at (default: the start values, or a
+        fit's estimates via ``fit.simulate``). Returns the data pytree, with a
+        leading axis of length ``nsim`` when ``nsim`` is given.
+        """
+        if self.simulate_fn is None:
+            raise ValueError(
+                "This model has no simulate function; pass simulate=lambda p, d, key: new_data "
+                "to tmbx.Model (TMB's SIMULATE block)."
+            )
+        p = {k: self.space.starts[k].reshape(self.space.shapes[k]) for k in self.space.names}
+        if par is not None:
+            p.update({k: np.asarray(v, np.float64) for k, v in par.items()})
+        p = jax.tree_util.tree_map(jnp.asarray, p)
+        key = jax.random.PRNGKey(seed)
+        if nsim is None:
+            return self.simulate_fn(p, self.data, key)
+        if nsim < 1:
+            raise ValueError(f"nsim must be at least 1, got {nsim}")
+        keys = jax.random.split(key, nsim)
+        return jax.jit(jax.vmap(lambda k: self.simulate_fn(p, self.data, k)))(keys)
+
+
+class Fit:
+    """Result of `Model.fit`: estimates, log-likelihood, convergence, `sdreport`."""
+
+    def __init__(self, model: Model, data, res: dict):
+        self.model = model
+        self.data = data
+        self.x = np.asarray(res["x"])
+        self.u = np.asarray(res["u"])
+        self.objective = float(res["f"])
+        self.gradient = np.asarray(res["g"])
+        self.status = int(res["status"])
+        self.iterations = int(res["iterations"])
+        H = np.asarray(res.get("hessian", np.zeros((0, 0))))
+        # the optimizer's finite-difference Hessian of the exact gradient (TMB's optimHess)
+        self._hessian = H if (H.size and np.any(H != 0)) else None
+
+    @property
+    def loglik(self) -> float:
+        """Maximized Laplace log-likelihood (``-objective``)."""
+        return -self.objective
+
+    @property
+    def par(self) -> dict:
+        """Fixed parameters at the optimum: name -> numpy array (held elements at start)."""
+        sp = self.model.space
+        p = sp.unflatten(jnp.asarray(self.x), jnp.asarray(self.u))
+        return {k: np.asarray(p[k]) for k in sp.fixed}
+
+    @property
+    def par_random(self) -> dict:
+        """Conditional modes of the random effects at the optimum."""
+        sp = self.model.space
+        p = sp.unflatten(jnp.asarray(self.x), jnp.asarray(self.u))
+        return {k: np.asarray(p[k]) for k in sp.random}
+
+    @property
+    def converged(self) -> bool:
+        return self.status == 0 and self.pd_hessian and np.isfinite(self.objective)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """Hessian of the marginal nll at the optimum (differences of the exact gradient)."""
+        if self._hessian is None:
+            self._hessian = self.exact_hessian()
+        return self._hessian
+
+    def exact_hessian(self) -> np.ndarray:
+        """Hessian of the marginal nll by automatic differentiation (slower to compile)."""
+        m = self.model
+        return np.asarray(m._hess(jnp.asarray(self.x), jnp.asarray(self.u), self.data))
+
+    @property
+    def pd_hessian(self) -> bool:
+        if self.x.size == 0:
+            return True
+        H = self.hessian
+        if not np.all(np.isfinite(H)):
+            return False
+        return bool(np.linalg.eigvalsh(0.5 * (H + H.T)).min() > 0)
+
+    @property
+    def message(self) -> str:
+        if not np.isfinite(self.objective):
+            return OUTER_MESSAGES[3]
+        if self.status != 0:
+            return OUTER_MESSAGES[self.status]
+        if not self.pd_hessian:
+            return (
+                "the optimizer converged but the Hessian of the marginal nll is not positive "
+                "definite: some parameter is not identified or sits on a boundary (a variance "
+                "near zero, a correlation near +/-1); simplify the model or fix that parameter"
+            )
+        return OUTER_MESSAGES[0]
+
+    def _warn(self):
+        if not self.converged:
+            warnings.warn(f"Model did not converge: {self.message}", RuntimeWarning, stacklevel=3)
+
+    def sdreport(self, joint_precision: bool = False) -> "SDReport":
+        from ._sdreport import SDReport
+
+        return SDReport(self, joint_precision=joint_precision)
+
+    def simulate(self, nsim: int | None = None, seed: int = 0):
+        """Simulate from the template at the estimates (fixed and random)."""
+        p = dict(self.par)
+        p.update(self.par_random)
+        return self.model.simulate(nsim=nsim, seed=seed, par=p)
+
+    def __repr__(self):
+        return (f"Fit(loglik={self.loglik:.6f}, converged={self.converged}, "
+                f"iterations={self.iterations})")
+
+
+class BatchFit:
+    """Results of `Model.fit_batch`: per-member arrays; ``fits[i]`` is member i's `Fit`."""
+
+    def __init__(self, model: Model, data, res: dict):
+        self.model = model
+        self.data = data
+        self.res = res
+        self.x = np.asarray(res["x"])
+        self.loglik = -np.asarray(res["f"])
+        self.status = np.asarray(res["status"])
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i) -> Fit:
+        d = jax.tree_util.tree_map(lambda a: a[i], self.data)
+        return Fit(self.model, d, {k: v[i] for k, v in self.res.items()})
+
+    @property
+    def converged(self) -> np.ndarray:
+        return (self.status == 0) & np.isfinite(self.loglik)
+
+    @property
+    def par(self) -> dict:
+        sp = self.model.space
+        out = {k: [] for k in sp.fixed}
+        for i in range(len(self)):
+            p = sp.unflatten(jnp.asarray(self.x[i]), jnp.zeros(sp.n_u))
+            for k in sp.fixed:
+                out[k].append(np.asarray(p[k]))
+        return {k: np.stack(v) for k, v in out.items()}

@@ -1,0 +1,186 @@
+"""`SDReport`: TMB's ``sdreport`` — standard errors by the delta method.
+
+- Fixed parameters: ``V = H^-1`` with ``H`` the exact Hessian of the Laplace
+  marginal nll at the optimum.
+- Random effects (conditional modes ``u*``):
+  ``Var(u) = diag(H_uu^-1) + J V J'`` with ``J = du*/dx`` (TMB's formula),
+  where ``diag(H_uu^-1)`` is a selected inversion of the sparse factor.
+- Derived quantities ``phi = report(p, d)`` (TMB's ``ADREPORT``):
+  ``Var(phi) = D V D' + phi_u H_uu^-1 phi_u'`` with ``D`` the total derivative
+  in ``x`` (through ``u*(x)``) and ``phi_u`` the partial derivative in ``u``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SDReport:
+    """Standard errors of fixed parameters, random effects and reported quantities.
+
+    Attributes
+    ----------
+    value, se : dict name -> array for the fixed parameters (held elements: NaN se).
+    cov_fixed : covariance of the free fixed parameters (order of ``labels``).
+    labels : names of the free fixed parameters.
+    par_random, se_random : dict name -> conditional modes and their standard errors.
+    report_value, report_se, report_cov : derived quantities (``report=``).
+    joint_precision : precision of (x, u) jointly, when asked for.
+    pd_hessian : whether the Hessian of the marginal is positive definite.
+    """
+
+    def __init__(self, fit, joint_precision: bool = False):
+        model = fit.model
+        sp = model.space
+        self.labels = list(sp.labels["x"])
+        H = fit.hessian
+        H = 0.5 * (H + H.T)
+        self.pd_hessian = fit.pd_hessian
+        if sp.n_x:
+            if self.pd_hessian:
+                V = np.linalg.inv(H)
+            else:
+                warnings.warn(
+                    "sdreport: the Hessian of the marginal nll is not positive definite; standard "
+                    "errors are NaN where the curvature is not positive (see Fit.message)",
+                    RuntimeWarning, stacklevel=2,
+                )
+                V = np.linalg.pinv(H)
+                bad = np.diag(V) <= 0
+                V[bad, :] = np.nan
+                V[:, bad] = np.nan
+        else:
+            V = np.zeros((0, 0))
+        self.cov_fixed = V
+        se_x = np.sqrt(np.maximum(np.diag(V), 0.0)) if V.size else np.zeros(0)
+        se_x = np.where(np.isnan(np.diag(V)) if V.size else [], np.nan, se_x) if V.size else se_x
+        self.value = fit.par
+        self.se = sp.expand(se_x, "x")
+        self._xud = (jnp.asarray(fit.x), jnp.asarray(fit.u), fit.data)
+        self._fit = fit
+        self._random = None
+        self._report = None
+        self.joint_precision = self._joint_precision(*self._xud, V) if joint_precision else None
+
+    # random effects and reported quantities are computed on first use: they
+    # need their own compiled programs, which a user asking only for the
+    # fixed effects' standard errors should not wait for
+    @property
+    def par_random(self) -> dict:
+        return self._fit.par_random
+
+    @property
+    def se_random(self) -> dict:
+        if self._random is None:
+            model, sp = self._fit.model, self._fit.model.space
+            if model.laplace is None:
+                self._random = {}
+            else:
+                diag_inv, J = (np.asarray(a) for a in _random_core(model)(*self._xud))
+                V = np.nan_to_num(self.cov_fixed)
+                var_u = diag_inv + np.einsum("ij,jk,ik->i", J, V, J)
+                self._random = sp.expand(np.sqrt(np.maximum(var_u, 0.0)), "u")
+        return self._random
+
+    def _reported(self):
+        if self._report is None:
+            self._report = ({}, {}, {})
+            if self._fit.model.report_fn is not None:
+                self._adreport(*self._xud, np.nan_to_num(self.cov_fixed))
+        return self._report
+
+    @property
+    def report_value(self) -> dict:
+        return self._reported()[0]
+
+    @property
+    def report_se(self) -> dict:
+        return self._reported()[1]
+
+    @property
+    def report_cov(self) -> dict:
+        return self._reported()[2]
+
+    def _adreport(self, x, u, d, V):
+        model = self._fit.model
+        vals, D, PHP = jax.tree_util.tree_map(np.asarray, _report_core(model)(x, u, d))
+        for k, v in vals.items():
+            v = np.asarray(v)
+            Dk = np.asarray(D[k]).reshape(v.size, -1)
+            cov = Dk @ V @ Dk.T if V.size else np.zeros((v.size, v.size))
+            if PHP is not None:
+                cov = cov + np.asarray(PHP[k]).reshape(v.size, v.size)
+            self._report[0][k] = v
+            self._report[2][k] = cov
+            self._report[1][k] = np.sqrt(np.maximum(np.diag(cov), 0.0)).reshape(v.shape)
+
+    def _joint_precision(self, x, u, d, V):
+        """Joint precision of (x, u): [[Vx^-1 + Hxu Huu^-1 Hux, Hxu], [Hux, Huu]] (TMB's)."""
+        model = self._fit.model
+        f = model.f
+        n_x = x.shape[0]
+        Huu = np.asarray(jax.hessian(f, argnums=1)(x, u, d))
+        Hxu = np.asarray(jax.jacfwd(jax.grad(f, argnums=0), argnums=1)(x, u, d))
+        top = np.linalg.inv(V) + Hxu @ np.linalg.solve(Huu, Hxu.T) if n_x else np.zeros((0, 0))
+        return np.block([[top, Hxu], [Hxu.T, Huu]])
+
+    def summary(self):
+        """A pandas DataFrame: estimate and standard error of every reported quantity."""
+        import pandas as pd
+
+        rows = []
+        for kind, vals, ses in (("fixed", self.value, self.se), ("random", self.par_random, self.se_random),
+                                ("report", self.report_value, self.report_se)):
+            for name, v in vals.items():
+                v, s = np.atleast_1d(v).ravel(), np.atleast_1d(ses[name]).ravel()
+                for i, (vi, si) in enumerate(zip(v, s)):
+                    rows.append((kind, name if v.size == 1 else f"{name}[{i}]", float(vi), float(si)))
+        return pd.DataFrame(rows, columns=["kind", "name", "estimate", "se"]).set_index("name")
+
+
+def _random_core(model):
+    """Jitted (cached on the model): diag(H_uu^-1) and du*/dx at (x, u)."""
+    if getattr(model, "_random_core", None) is None:
+        lap = model.laplace
+
+        def core(x, u, d):
+            F = lap.factor(x, u, d)
+            if x.shape[0]:
+                J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)
+            else:
+                J = jnp.zeros((u.shape[0], 0))
+            return F.diag_inverse(), J
+
+        model._random_core = jax.jit(core)
+    return model._random_core
+
+
+def _report_core(model):
+    """Jitted (cached on the model): report values, their total x-derivative and
+    ``phi_u H_uu^-1 phi_u'``."""
+    if getattr(model, "_report_core", None) is None:
+        sp, lap = model.space, model.laplace
+
+        def rep(xx, uu, d):
+            out = model.report_fn(sp.unflatten(xx, uu), d)
+            return {k: jnp.asarray(v, jnp.float64) for k, v in out.items()}
+
+        def core(x, u, d):
+            if lap is None:
+                return rep(x, u, d), jax.jacfwd(lambda xx: rep(xx, u, d))(x), None
+            vals = rep(x, u, d)
+            D = jax.jacfwd(lambda xx: rep(xx, lap.u_star(xx, u, d)[0], d))(x)
+            phi_u = jax.jacfwd(lambda uu: rep(x, uu, d))(u)
+            F = lap.factor(x, u, d)
+            PHP = {}
+            for k, v in vals.items():
+                Pu = phi_u[k].reshape(v.size, -1)
+                PHP[k] = Pu @ F.solve(Pu.T)
+            return vals, D, PHP
+
+        model._report_core = jax.jit(core)
+    return model._report_core

@@ -1,0 +1,578 @@
+"""Static layouts of sparse symmetric matrices and their Cholesky factorizations.
+
+The Hessian of a joint negative log-likelihood with respect to the latent
+effects is sparse, with a pattern that is known before any number is computed
+(it is read off the template's jaxpr). This module turns such a pattern into a
+*layout*: a fixed storage of small dense blocks that XLA factorizes with
+batched dense Cholesky, so that everything jit-compiles, vmaps over batches of
+data sets and runs on a GPU. We write these by hand because no maintained JAX
+library offers a jit/vmap/GPU-capable sparse Cholesky with a differentiable
+log-determinant; the block forms below are the ones mixed-model codes rely on
+(MixedModels.jl's blocked Cholesky; banded Cholesky for GMRFs).
+
+Three layouts, chosen by predicted cost (`choose_layout`):
+
+- `DenseLayout`: a dense n x n matrix. Small problems.
+- `ArrowLayout`: a block-diagonal head (m blocks of size <= k, e.g. one block
+  per level of the largest grouping factor) coupled sparsely to a dense tail
+  (the other factors' levels). The tail's Schur complement is accumulated
+  from per-block contributions, so the coupling is never dense.
+- `BandedLayout`: reverse Cuthill-McKee ordering, then a block-tridiagonal
+  Cholesky with blocks of the bandwidth (lattice GMRFs such as AR1 x AR1).
+
+Every layout stores values in one flat vector. `slots(rows, cols)` maps matrix
+entries to positions in it, so callers assemble a matrix with one scatter-add
+(`flat.at[slots].add(values)`), and `factor(flat)` returns a factorization
+with `logdet()`, `solve(b)` and `diag_inverse()`. Indices refer to the
+original (unpermuted) numbering throughout; permutations stay inside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+import scipy.sparse as sps
+from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
+
+
+def _chol(a):
+    # symmetrize_input keeps the factor well defined under rounding
+    return jnp.linalg.cholesky(a, symmetrize_input=True)
+
+
+def _tri_solve(L, b, trans=False):
+    return jsl.solve_triangular(L, b, lower=True, trans=1 if trans else 0)
+
+
+def _logdiag(L):
+    return jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
+
+
+class _Layout:
+    """Plain (non-pytree) static description; fields set by keyword."""
+
+    def __init__(self, **fields):
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+
+# --------------------------------------------------------------------------
+# Dense
+
+
+class DenseLayout(_Layout):
+    """A dense ``n x n`` matrix stored row-major."""
+
+    n: int
+
+    @property
+    def size(self) -> int:
+        return self.n * self.n
+
+    @property
+    def kind(self) -> str:
+        return "dense"
+
+    def slots(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return np.asarray(rows, np.int64) * self.n + np.asarray(cols, np.int64)
+
+    def padding(self) -> np.ndarray:
+        return np.zeros(self.size)
+
+    def diag_slots(self) -> np.ndarray:
+        i = np.arange(self.n)
+        return self.slots(i, i)
+
+    def cost(self) -> float:
+        return self.n**3 / 3.0
+
+    def to_dense(self, flat):
+        return flat.reshape(self.n, self.n)
+
+    def factor(self, flat) -> "DenseFactor":
+        return DenseFactor(L=_chol(flat.reshape(self.n, self.n)))
+
+
+class DenseFactor(eqx.Module):
+    L: jax.Array
+
+    def logdet(self):
+        return 2.0 * _logdiag(self.L)
+
+    def ok(self):
+        return jnp.all(jnp.isfinite(jnp.diagonal(self.L)))
+
+    def pivots(self):
+        return jnp.diagonal(self.L)
+
+    def solve(self, b):
+        return jsl.cho_solve((self.L, True), b)
+
+    def diag_inverse(self):
+        Linv = _tri_solve(self.L, jnp.eye(self.L.shape[0]))
+        return jnp.sum(Linv**2, axis=0)
+
+
+# --------------------------------------------------------------------------
+# Arrow: block-diagonal head + sparse coupling + dense tail
+
+
+class ArrowLayout(_Layout):
+    """Block-diagonal head (``m`` blocks of size ``k``), dense tail (``t``).
+
+    ``head[b, j]`` is the original index of position ``j`` of head block ``b``
+    (``-1`` for padding); ``tail[j]`` the original index of tail position ``j``.
+    ``cols[b, c]`` lists the tail positions that head block ``b`` couples to
+    (padded with position 0 and zero values).
+    Storage: head blocks ``(m, k, k)``, coupling ``(m, k, c)``, tail ``(t, t)``.
+    """
+
+    n: int
+    m: int
+    k: int
+    t: int
+    c: int
+    head: np.ndarray
+    tail: np.ndarray
+    cols: np.ndarray
+    # lookup tables (numpy, static)
+    where_block: np.ndarray  # original -> block (-1: tail)
+    where_pos: np.ndarray  # original -> position in block/tail
+    coupling_keys: np.ndarray  # sorted block * t + tail pos
+    coupling_idx: np.ndarray  # c index of each key
+
+    @property
+    def kind(self) -> str:
+        return "arrow"
+
+    @property
+    def size(self) -> int:
+        return self.m * self.k * self.k + self.m * self.k * self.c + self.t * self.t
+
+    def cost(self) -> float:
+        return self.m * (self.k**3 / 3 + self.k**2 * self.c + self.k * self.c**2) + self.t**3 / 3
+
+    def slots(self, rows, cols):
+        rows = np.asarray(rows, np.int64)
+        cols = np.asarray(cols, np.int64)
+        out = np.full(rows.shape, -1, np.int64)
+        br, bc = self.where_block[rows], self.where_block[cols]
+        pr, pc = self.where_pos[rows], self.where_pos[cols]
+        hh = (br >= 0) & (bc >= 0)
+        if np.any(hh & (br != bc)):
+            raise ValueError("pattern entry couples two head blocks of an arrow layout")
+        out[hh] = (br[hh] * self.k + pr[hh]) * self.k + pc[hh]
+        off = self.m * self.k * self.k
+        ht = (br >= 0) & (bc < 0)
+        if np.any(ht):
+            keys = br[ht] * self.t + pc[ht]
+            at = np.searchsorted(self.coupling_keys, keys)
+            cidx = self.coupling_idx[np.minimum(at, len(self.coupling_keys) - 1)]
+            out[ht] = off + (br[ht] * self.k + pr[ht]) * self.c + cidx
+        # tail-head entries are the transpose of head-tail ones: stored once
+        tt = (br < 0) & (bc < 0)
+        out[tt] = off + self.m * self.k * self.c + pr[tt] * self.t + pc[tt]
+        return out
+
+    def padding(self) -> np.ndarray:
+        pad = np.zeros(self.size)
+        b, j = np.nonzero(self.head < 0)
+        pad[(b * self.k + j) * self.k + j] = 1.0
+        return pad
+
+    def diag_slots(self) -> np.ndarray:
+        i = np.arange(self.n)
+        return self.slots(i, i)
+
+    def _split(self, flat):
+        m, k, c, t = self.m, self.k, self.c, self.t
+        o1 = m * k * k
+        o2 = o1 + m * k * c
+        return (flat[:o1].reshape(m, k, k), flat[o1:o2].reshape(m, k, c), flat[o2:].reshape(t, t))
+
+    def to_dense(self, flat):
+        D, B, T = self._split(flat)
+        out = jnp.zeros((self.n + 1, self.n + 1))
+        h = np.where(self.head < 0, self.n, self.head)
+        out = out.at[h[:, :, None], h[:, None, :]].add(D)
+        tc = self.tail[self.cols]  # (m, c)
+        out = out.at[h[:, :, None], tc[:, None, :]].add(B)
+        out = out.at[tc[:, :, None], h[:, None, :]].add(jnp.swapaxes(B, 1, 2))
+        out = out.at[self.tail[:, None], self.tail[None, :]].add(T)
+        return out[: self.n, : self.n]
+
+    def factor(self, flat) -> "ArrowFactor":
+        D, B, T = self._split(flat)
+        Lh = _chol(D)
+        W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
+        S = T
+        if self.t:
+            contrib = jnp.einsum("mkc,mkd->mcd", W, W)
+            S = T.at[self.cols[:, :, None], self.cols[:, None, :]].add(-contrib)
+            Lt = _chol(S)
+        else:
+            Lt = jnp.zeros((0, 0))
+        return ArrowFactor(layout=self, Lh=Lh, W=W, Lt=Lt)
+
+
+class ArrowFactor(eqx.Module):
+    layout: ArrowLayout = eqx.field(static=True)
+    Lh: jax.Array
+    W: jax.Array
+    Lt: jax.Array
+
+    def logdet(self):
+        return 2.0 * (_logdiag(self.Lh) + _logdiag(self.Lt))
+
+    def ok(self):
+        return jnp.all(jnp.isfinite(self.pivots()))
+
+    def pivots(self):
+        return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(), jnp.diagonal(self.Lt)])
+
+    def _gather(self, b):
+        lay = self.layout
+        h = np.where(lay.head < 0, lay.n, lay.head)
+        bpad = jnp.concatenate([b, jnp.zeros((1,) + b.shape[1:], b.dtype)])
+        return bpad[h], b[lay.tail]
+
+    def _scatter(self, xh, xt):
+        lay = self.layout
+        h = np.where(lay.head < 0, lay.n, lay.head)
+        out = jnp.zeros((lay.n + 1,) + xh.shape[2:], xh.dtype)
+        out = out.at[h].add(xh)  # add, not set: padding repeats the dummy index
+        out = out.at[lay.tail].add(xt)
+        return out[: lay.n]
+
+    def solve(self, b):
+        lay = self.layout
+        bh, bt = self._gather(jnp.asarray(b))
+        vec = bh.ndim == 2
+        if vec:
+            bh, bt = bh[..., None], bt[..., None]
+        yh = jax.vmap(_tri_solve)(self.Lh, bh)  # (m, k, r)
+        if lay.t:
+            upd = jnp.einsum("mkc,mkr->mcr", self.W, yh)
+            rt = bt.at[lay.cols].add(-upd)
+            yt = _tri_solve(self.Lt, rt)
+            xt = _tri_solve(self.Lt, yt, trans=True)
+            yh = yh - jnp.einsum("mkc,mcr->mkr", self.W, xt[lay.cols])
+        else:
+            xt = bt
+        xh = jax.vmap(lambda L, y: _tri_solve(L, y, trans=True))(self.Lh, yh)
+        if vec:
+            xh, xt = xh[..., 0], xt[..., 0]
+        return self._scatter(xh, xt)
+
+    def diag_inverse(self):
+        """Diagonal of H^-1 without forming it (selected inversion of the arrow)."""
+        lay = self.layout
+        Lhinv = jax.vmap(lambda L: _tri_solve(L, jnp.eye(lay.k)))(self.Lh)  # (m,k,k)
+        dh = jnp.sum(Lhinv**2, axis=1)  # diag of D^-1 blocks: (m, k)
+        if lay.t:
+            Ltinv = _tri_solve(self.Lt, jnp.eye(lay.t))
+            Sinv = Ltinv.T @ Ltinv
+            # head: Lh^-T (I + W Sinv_cc W^T) Lh^-1; extra term's diagonal
+            Scc = Sinv[lay.cols[:, :, None], lay.cols[:, None, :]]  # (m,c,c)
+            V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # Lh^-T W : (m,k,c)
+            dh = dh + jnp.einsum("mic,mcd,mid->mi", V, Scc, V)
+            dt = jnp.diagonal(Sinv)
+        else:
+            dt = jnp.zeros((0,))
+        return self._scatter(dh, dt)
+
+
+def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -> ArrowLayout:
+    """Arrow layout of a symmetric pattern given the tail (dense) index set."""
+    tail = np.asarray(sorted(set(int(i) for i in tail)), np.int64)
+    is_tail = np.zeros(n, bool)
+    is_tail[tail] = True
+    head_nodes = np.nonzero(~is_tail)[0]
+    keep = ~is_tail[rows] & ~is_tail[cols]
+    g = sps.coo_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(n, n))
+    ncomp, lab = connected_components(g, directed=False)
+    lab_h = lab[head_nodes]
+    uniq, comp = np.unique(lab_h, return_inverse=True)
+    m = len(uniq)
+    sizes = np.bincount(comp, minlength=m) if m else np.zeros(0, np.int64)
+    k = int(sizes.max()) if m else 0
+    head = np.full((m, max(k, 1) if m else 0), -1, np.int64)
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if m else np.zeros(0, np.int64)
+    where_block = np.full(n, -1, np.int64)
+    where_pos = np.zeros(n, np.int64)
+    for rank, node_i in enumerate(order):
+        b = comp[node_i]
+        j = rank - starts[b]
+        node = head_nodes[node_i]
+        head[b, j] = node
+        where_block[node] = b
+        where_pos[node] = j
+    where_pos[tail] = np.arange(len(tail))
+    k = head.shape[1] if m else 0
+    # coupling columns per block
+    ht = (where_block[rows] >= 0) & is_tail[cols]
+    t = len(tail)
+    keys = np.unique(where_block[rows[ht]] * t + where_pos[cols[ht]])  # sorted
+    kb = keys // t if t else keys
+    # rank of each key within its block
+    first = np.searchsorted(kb, kb, side="left")
+    cidx = np.arange(len(keys)) - first
+    c = int(cidx.max()) + 1 if len(keys) else 0
+    colsarr = np.zeros((m, max(c, 1) if t else 0), np.int64)
+    if len(keys):
+        colsarr[kb, cidx] = keys % t
+    return ArrowLayout(
+        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr,
+        where_block=where_block, where_pos=where_pos, coupling_keys=keys, coupling_idx=cidx,
+    )
+
+
+# --------------------------------------------------------------------------
+# Banded (block tridiagonal after reverse Cuthill-McKee)
+
+
+class BandedLayout(_Layout):
+    """Block-tridiagonal storage after a bandwidth-reducing permutation.
+
+    ``perm[i]`` is the original index at permuted position ``i``. Blocks have
+    size ``s`` (>= the bandwidth), so the permuted matrix is block
+    tridiagonal: diagonal blocks ``(nb, s, s)`` and sub-diagonal blocks
+    ``(nb - 1, s, s)`` (block ``(i + 1, i)``).
+    """
+
+    n: int
+    s: int
+    nb: int
+    perm: np.ndarray
+    iperm: np.ndarray
+
+    @property
+    def kind(self) -> str:
+        return "banded"
+
+    @property
+    def size(self) -> int:
+        return (2 * self.nb - 1) * self.s * self.s
+
+    def cost(self) -> float:
+        return self.nb * self.s**3 * (1 / 3 + 2)
+
+    def slots(self, rows, cols):
+        pr = self.iperm[np.asarray(rows, np.int64)]
+        pc = self.iperm[np.asarray(cols, np.int64)]
+        br, bc = pr // self.s, pc // self.s
+        ir, ic = pr % self.s, pc % self.s
+        out = np.full(pr.shape, -1, np.int64)
+        same = br == bc
+        out[same] = (br[same] * self.s + ir[same]) * self.s + ic[same]
+        sub = br == bc + 1
+        off = self.nb * self.s * self.s
+        out[sub] = off + (bc[sub] * self.s + ir[sub]) * self.s + ic[sub]
+        if np.any(np.abs(br - bc) > 1):
+            raise ValueError("pattern entry outside the band of a banded layout")
+        return out  # entries above the block diagonal (br == bc - 1) stay -1
+
+    def padding(self) -> np.ndarray:
+        pad = np.zeros(self.size)
+        for p in range(self.n, self.nb * self.s):
+            b, i = divmod(p, self.s)
+            pad[(b * self.s + i) * self.s + i] = 1.0
+        return pad
+
+    def diag_slots(self):
+        i = np.arange(self.n)
+        return self.slots(i, i)
+
+    def _split(self, flat):
+        off = self.nb * self.s * self.s
+        D = flat[:off].reshape(self.nb, self.s, self.s)
+        C = flat[off:].reshape(self.nb - 1, self.s, self.s)
+        return D, C
+
+    def to_dense(self, flat):
+        D, C = self._split(flat)
+        N = self.nb * self.s
+        A = jnp.zeros((N, N))
+        for b in range(self.nb):
+            A = A.at[b * self.s:(b + 1) * self.s, b * self.s:(b + 1) * self.s].set(D[b])
+        for b in range(self.nb - 1):
+            r, c = (b + 1) * self.s, b * self.s
+            A = A.at[r:r + self.s, c:c + self.s].set(C[b])
+            A = A.at[c:c + self.s, r:r + self.s].set(C[b].T)
+        A = A[: self.n, : self.n]
+        return A[self.iperm][:, self.iperm]
+
+    def factor(self, flat) -> "BandedFactor":
+        D, C = self._split(flat)
+        L0 = _chol(D[0])
+
+        def step(Lprev, dc):
+            Di, Ci = dc
+            M = _tri_solve(Lprev, Ci.T).T  # C L^-T
+            Li = _chol(Di - M @ M.T)
+            return Li, (Li, M)
+
+        _, (Ls, Ms) = jax.lax.scan(step, L0, (D[1:], C))
+        L = jnp.concatenate([L0[None], Ls])
+        return BandedFactor(layout=self, L=L, M=Ms)
+
+
+class BandedFactor(eqx.Module):
+    layout: BandedLayout = eqx.field(static=True)
+    L: jax.Array  # (nb, s, s)
+    M: jax.Array  # (nb - 1, s, s): block (i + 1, i) of the factor
+
+    def logdet(self):
+        return 2.0 * _logdiag(self.L)
+
+    def ok(self):
+        return jnp.all(jnp.isfinite(self.pivots()))
+
+    def pivots(self):
+        return jnp.diagonal(self.L, axis1=1, axis2=2).ravel()
+
+    def solve(self, b):
+        lay = self.layout
+        b = jnp.asarray(b)
+        vec = b.ndim == 1
+        bb = b[:, None] if vec else b
+        r = bb.shape[1]
+        bp = jnp.zeros((lay.nb * lay.s, r), bb.dtype).at[: lay.n].set(bb[lay.perm])
+        bp = bp.reshape(lay.nb, lay.s, r)
+        y0 = _tri_solve(self.L[0], bp[0])
+
+        def fwd(yprev, inp):
+            Li, Mi, bi = inp
+            yi = _tri_solve(Li, bi - Mi @ yprev)
+            return yi, yi
+
+        _, ys = jax.lax.scan(fwd, y0, (self.L[1:], self.M, bp[1:]))
+        y = jnp.concatenate([y0[None], ys])
+        xl = _tri_solve(self.L[-1], y[-1], trans=True)
+
+        def bwd(xnext, inp):
+            Li, Mnext, yi = inp
+            xi = _tri_solve(Li, yi - Mnext.T @ xnext, trans=True)
+            return xi, xi
+
+        _, xs = jax.lax.scan(bwd, xl, (self.L[:-1], self.M, y[:-1]), reverse=True)
+        x = jnp.concatenate([xs, xl[None]]).reshape(lay.nb * lay.s, r)[: lay.n]
+        x = x[lay.iperm]
+        return x[:, 0] if vec else x
+
+    def diag_inverse(self):
+        """Diagonal of H^-1 by the block Takahashi recursion (backwards)."""
+        lay = self.layout
+        eye = jnp.eye(lay.s)
+        Linv = jax.vmap(lambda L: _tri_solve(L, eye))(self.L)
+        last = Linv[-1].T @ Linv[-1]
+
+        def step(Snext, inp):
+            Li_inv, Mnext = inp
+            # Sigma_{i+1,i} = -Sigma_{i+1,i+1} M_{i+1} L_i^-1
+            Sol = -Snext @ Mnext @ Li_inv
+            Sii = Li_inv.T @ Li_inv - Li_inv.T @ Mnext.T @ Sol
+            return Sii, jnp.diagonal(Sii)
+
+        _, ds = jax.lax.scan(step, last, (Linv[:-1], self.M), reverse=True)
+        d = jnp.concatenate([ds, jnp.diagonal(last)[None]]).reshape(-1)[: lay.n]
+        return d[lay.iperm]
+
+
+def banded_layout(n, rows, cols) -> BandedLayout:
+    """Banded layout in the better of the natural and the RCM ordering."""
+    g = sps.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    best = None
+    for perm in (np.arange(n), np.asarray(reverse_cuthill_mckee(g, symmetric_mode=True))):
+        perm = perm.astype(np.int64)
+        iperm = np.empty(n, np.int64)
+        iperm[perm] = np.arange(n)
+        bw = int(np.max(np.abs(iperm[rows] - iperm[cols]))) if len(rows) else 0
+        if best is None or bw < best[0]:
+            best = (bw, perm, iperm)
+    bw, perm, iperm = best
+    s = max(bw, 1)
+    nb = max(math.ceil(n / s), 2)
+    return BandedLayout(n=n, s=s, nb=nb, perm=perm, iperm=iperm)
+
+
+# --------------------------------------------------------------------------
+# Choosing
+
+
+def _arrow_candidates(n, rows, cols, max_tail):
+    deg = np.bincount(rows, minlength=n)
+    order = np.argsort(-deg, kind="stable")
+    sizes = [0] + [int(2**j) for j in range(0, 30) if 2**j <= max_tail]
+    # also cut exactly where the degree drops (e.g. the smaller crossed factor)
+    dsorted = deg[order]
+    drops = np.nonzero(np.diff(dsorted) < 0)[0] + 1
+    sizes += [int(d) for d in drops if d <= max_tail][:8]
+    if n > 1:
+        ratio = dsorted[:-1] / np.maximum(dsorted[1:], 1)
+        for d in np.argsort(-ratio)[:4]:
+            if d + 1 <= max_tail:
+                sizes.append(int(d + 1))
+    return order, sorted(set(sizes))
+
+
+def choose_layout(n: int, rows: np.ndarray, cols: np.ndarray, *, dense_max: int = 600,
+                  force: str | None = None):
+    """Pick the cheapest layout for a symmetric ``n x n`` pattern (rows, cols).
+
+    ``force`` in {"dense", "arrow", "banded"} overrides the choice.
+    """
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
+    if force == "dense" or (force is None and n <= dense_max):
+        return DenseLayout(n=n)
+    candidates = []
+    if force in (None, "arrow"):
+        order, sizes = _arrow_candidates(n, rows, cols, max_tail=min(max(n // 2, 1), 8000))
+        best = None
+        for t in sizes:  # increasing: a larger tail must win clearly (structure over noise)
+            lay = _quick_arrow_cost(n, rows, cols, order[:t])
+            if lay is not None and (best is None or lay[0] < 0.8 * best[0]):
+                best = lay
+        if best is not None:
+            candidates.append((best[0], "arrow", order[: best[1]]))
+    if force in (None, "banded"):
+        lay = banded_layout(n, rows, cols)
+        candidates.append((lay.cost(), "banded", lay))
+    if force is None:
+        candidates.append((DenseLayout(n=n).cost(), "dense", None))
+    cost, kind, info = min(candidates, key=lambda c: c[0])
+    if kind == "arrow":
+        return arrow_layout(n, rows, cols, info)
+    if kind == "banded":
+        return info
+    return DenseLayout(n=n)
+
+
+def _quick_arrow_cost(n, rows, cols, tail):
+    is_tail = np.zeros(n, bool)
+    is_tail[tail] = True
+    keep = ~is_tail[rows] & ~is_tail[cols]
+    g = sps.coo_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    lab_h = lab[~is_tail]
+    if lab_h.size == 0:
+        return None
+    _, comp_sizes = np.unique(lab_h, return_counts=True)
+    k = comp_sizes.max()
+    m = len(comp_sizes)
+    t = len(tail)
+    ht = ~is_tail[rows] & is_tail[cols]
+    if ht.any():
+        pairs = np.unique(np.stack([lab[rows[ht]], cols[ht]], 1), axis=0)
+        c = np.bincount(np.unique(pairs[:, 0], return_inverse=True)[1]).max()
+    else:
+        c = 0
+    cost = m * (k**3 / 3 + k**2 * c + k * c**2) + t**3 / 3 + 1e-3 * m * k * k
+    return cost, len(tail)
