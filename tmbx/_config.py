@@ -31,3 +31,27 @@ def _enable_persistent_cache() -> None:
 
 
 _enable_persistent_cache()
+
+
+def _single_threaded_lapack() -> None:
+    """Run jaxlib's LAPACK kernels (scipy's OpenBLAS) on one thread.
+
+    jaxlib calls LAPACK through scipy's OpenBLAS. With OpenBLAS's default
+    threading, a 50 x 50 triangular solve takes milliseconds instead of
+    tens of microseconds (thread start-up dominates the small, many
+    factorizations a Laplace fit makes). Only scipy's copy is limited;
+    numpy's BLAS is left alone. ``TMBX_LAPACK_THREADS`` overrides.
+    """
+    n = int(os.environ.get("TMBX_LAPACK_THREADS", "1"))
+    try:
+        import scipy.linalg  # noqa: F401  (load scipy's OpenBLAS)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        path = lib.filepath.replace("\\", "/")
+        if "scipy.libs" in path or "/scipy/" in path:
+            lib.set_num_threads(n)
+
+
+_single_threaded_lapack()

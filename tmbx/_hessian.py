@@ -84,8 +84,8 @@ class LatentGaussianHessian:
     def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None):
         self.eta_fn, self.obs_nll, self.latent_nll = eta_fn, obs_nll, latent_nll
         n = u0.shape[0]
-        eta0 = eta_fn(x0, u0, data0)
-        self.K = 1 if eta0.ndim == 1 else eta0.shape[1]
+        eta0 = jax.eval_shape(eta_fn, x0, u0, data0)
+        self.K = 1 if len(eta0.shape) == 1 else eta0.shape[1]
         self.N = eta0.shape[0]
         flat_eta = lambda u: eta_fn(x0, u, data0).reshape(-1)
         jcol = asdex.jacobian_coloring(flat_eta, u0)

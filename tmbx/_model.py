@@ -75,12 +75,16 @@ class Model:
     simulate : ``(p, d, key) -> new data`` (TMB's ``SIMULATE`` block).
     latent_gaussian : a `LatentGaussian` declaration (then ``nll`` may be None).
     layout : force the latent Hessian's layout ("dense", "arrow", "banded").
+    quadratic : declare that the nll is quadratic in the random effects (Gaussian
+        responses with identity link): the Laplace approximation is then exact and
+        computed with one Newton step, without an inner loop.
     """
 
     def __init__(self, nll=None, params=None, data=None, random=None, map=None, *,
                  report=None, simulate=None, latent_gaussian: LatentGaussian | None = None,
                  layout: str | None = None, inner: InnerOptions = InnerOptions(),
-                 outer: BFGSOptions = BFGSOptions(), nagq: int = 1, groups=None):
+                 outer: BFGSOptions = BFGSOptions(), nagq: int = 1, groups=None,
+                 quadratic: bool = False):
         if nll is None and latent_gaussian is None:
             raise TypeError("Model needs a template: nll(p, d) or latent_gaussian=LatentGaussian(...)")
         if nll is None:
@@ -114,7 +118,7 @@ class Model:
                 )
             else:
                 hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)
-            self.laplace = Laplace(self.f, hess, space.n_u, inner)
+            self.laplace = Laplace(self.f, hess, space.n_u, inner, quadratic=quadratic)
         else:
             self.laplace = None
         self._u_last = u0

@@ -44,7 +44,7 @@ OUTER_MESSAGES = {
 }
 
 # phases of the state machine
-_LINESEARCH, _HESSIAN, _NEWTON, _DONE = 0, 1, 2, 3
+_LINESEARCH, _HESSIAN, _NEWTON, _DONE, _INIT = 0, 1, 2, 3, 4
 
 
 class BFGSOptions(eqx.Module):
@@ -70,18 +70,14 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
 
     Returns a dict with ``x, f, g, aux, status, iterations, hessian`` (the
     finite-difference Hessian at ``x`` when polishing, else zeros).
+
+    The body is branch-free (every update is computed and selected with
+    ``where``): the state is small, and ``cond`` branches would each carry a
+    copy of the state through XLA, which costs compile time, not run time.
     """
     n = x0.shape[0]
     eye = jnp.eye(n)
-    f0, g0, aux0 = value_and_grad(x0, aux0, data)
-    ok0 = jnp.isfinite(f0) & jnp.all(jnp.isfinite(g0))
     opt = options
-
-    types = dict(a=jnp.float64, halvings=jnp.int32, first=jnp.bool_, nsmall=jnp.int32, nfail=jnp.int32,
-                 k=jnp.int32, evals=jnp.int32, status=jnp.int32, phase=jnp.int32)
-
-    def norm(st):
-        return {k: (jnp.asarray(v, types[k]) if k in types else v) for k, v in st.items()}
 
     def small_grad(f, g):
         return jnp.max(jnp.abs(g), initial=0.0) <= opt.gtol * jnp.maximum(1.0, jnp.abs(f))
@@ -92,113 +88,126 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         p = jnp.where(descent, p, -g)
         limit = jnp.where(first, jnp.minimum(opt.max_step, 1.0), opt.max_step)
         pmax = jnp.max(jnp.abs(p), initial=0.0)
-        return p * jnp.minimum(1.0, limit / jnp.maximum(pmax, 1e-300)), descent
+        return p * jnp.minimum(1.0, limit / jnp.maximum(pmax, 1e-300))
 
     def fd_h(x):
         return opt.fd_step * jnp.maximum(1.0, jnp.abs(x))
 
-    def start_hessian(st):
-        h = fd_h(st["x"])
-        return dict(st, phase=_HESSIAN, k=0, xt=st["x"] + h[0] * eye[0])
+    def fd_point(x, k):
+        i = jnp.minimum(k // 2, n - 1)
+        sign = jnp.where(k % 2 == 0, 1.0, -1.0)
+        return x + sign * fd_h(x)[i] * eye[i]
 
-    def finish(st, status):
-        st = dict(st, status=status)
-        if opt.polish and n > 0:
-            return start_hessian(st)
-        return dict(st, phase=_DONE)
+    polish = opt.polish and n > 0
 
-    def on_linesearch(st, ft, gt, auxt):
-        x, f, g, p, a = st["x"], st["f"], st["g"], st["p"], st["a"]
+    def body(st):
+        xt = st["xt"]
+        ft, gt, auxt = value_and_grad(xt, st["aux"], data)
+        finite_t = jnp.isfinite(ft) & jnp.all(jnp.isfinite(gt))
+        phase = st["phase"]
+        x, f, g, p, a, Hinv = st["x"], st["f"], st["g"], st["p"], st["a"], st["Hinv"]
+
+        # ---- first evaluation (at x0): the objective appears once in the program
+        ini = phase == _INIT
+        p_ini = direction(eye, gt, True)
+        done_ini = ini & (~finite_t | small_grad(ft, gt))
+
+
+        # ---- line search phase
         slope = jnp.dot(g, p)
-        ok = jnp.isfinite(ft) & jnp.all(jnp.isfinite(gt)) & (ft <= f + 1e-4 * a * slope)
+        armijo = finite_t & (ft <= f + 1e-4 * a * slope)
+        ls = phase == _LINESEARCH
+        acc = ls & armijo
+        s = xt - x
+        y = gt - g
+        sy = jnp.dot(s, y)
+        H0 = jnp.where(st["first"], eye * sy / jnp.maximum(jnp.dot(y, y), 1e-300), Hinv)
+        rho = 1.0 / jnp.where(sy > 0, sy, 1.0)
+        V = eye - rho * jnp.outer(s, y)
+        upd = sy > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y)
+        Hacc = jnp.where(upd, V @ H0 @ V.T + rho * jnp.outer(s, s), H0)
+        tiny = jnp.abs(f - ft) <= opt.ftol * jnp.maximum(1.0, jnp.abs(ft))
+        nsmall_acc = jnp.where(tiny, st["nsmall"] + 1, 0)
+        conv_acc = small_grad(ft, gt) | (nsmall_acc >= 3)
+        p_acc = direction(Hacc, gt, False)
+        # backtracking
+        q = -slope * a * a / (2.0 * (ft - f - slope * a))
+        a_bt = jnp.where(jnp.isfinite(q) & jnp.isfinite(ft), jnp.clip(q, 0.1 * a, 0.5 * a), 0.25 * a)
+        exhausted = st["halvings"] >= opt.max_halvings
+        gave_up = exhausted & (st["nfail"] >= 1)
+        p_sd = direction(eye, g, True)
 
-        def accept(st):
-            s = st["xt"] - x
-            y = gt - g
-            sy = jnp.dot(s, y)
-            Hinv = jnp.where(st["first"], eye * sy / jnp.maximum(jnp.dot(y, y), 1e-300), st["Hinv"])
-            rho = 1.0 / jnp.where(sy > 0, sy, 1.0)
-            V = eye - rho * jnp.outer(s, y)
-            upd = sy > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y)
-            Hinv = jnp.where(upd, V @ Hinv @ V.T + rho * jnp.outer(s, s), Hinv)
-            tiny = jnp.abs(f - ft) <= opt.ftol * jnp.maximum(1.0, jnp.abs(ft))
-            nsmall = jnp.where(tiny, st["nsmall"] + 1, 0)
-            st = dict(st, x=st["xt"], f=ft, g=gt, aux=auxt, Hinv=Hinv, first=False, nsmall=nsmall,
-                      nfail=0)
-            conv = small_grad(ft, gt) | (nsmall >= 3)
-            pn, _ = direction(Hinv, gt, False)
-            cont = dict(st, p=pn, a=1.0, halvings=0, xt=st["x"] + pn)
-            return jax.lax.cond(conv, lambda s: norm(finish(s, 0)), lambda s: norm(cont), st)
-
-        def backtrack(st):
-            q = -slope * a * a / (2.0 * (ft - f - slope * a))
-            a_new = jnp.where(jnp.isfinite(q) & jnp.isfinite(ft), jnp.clip(q, 0.1 * a, 0.5 * a), 0.25 * a)
-            exhausted = st["halvings"] >= opt.max_halvings
-
-            def restart(st):
-                # line search failed: reset to steepest descent once, then give up
-                gave_up = st["nfail"] >= 1
-                pn, _ = direction(eye, g, True)
-                st2 = dict(st, Hinv=eye, p=pn, a=1.0, halvings=0, xt=x + pn, nfail=st["nfail"] + 1,
-                           first=True)
-                return jax.lax.cond(gave_up, lambda s: norm(finish(s, 2 - 2 * small_grad(f, g * 1e-3))),
-                                    lambda s: norm(st2), st)
-
-            more = dict(st, a=a_new, halvings=st["halvings"] + 1, xt=x + a_new * p)
-            return jax.lax.cond(exhausted, lambda s: norm(restart(s)), lambda s: norm(more), st)
-
-        return jax.lax.cond(ok, lambda s: norm(accept(s)), lambda s: norm(backtrack(s)), st)
-
-    def on_hessian(st, ft, gt, auxt):
-        # trial points x + h_i e_i (k = 2i) and x - h_i e_i (k = 2i + 1)
+        # ---- Hessian phase: gradients at x +/- h_i e_i (k = 2i, 2i + 1)
+        hs = phase == _HESSIAN
         k = st["k"]
-        i = k // 2
-        h = fd_h(st["x"])
-        plus = (k % 2) == 0
-        G = st["G"].at[i].add(jnp.where(plus, gt, -gt) / (2.0 * h[i]))
-        k = k + 1
-        i2 = k // 2
-        nxt = jnp.where((k % 2) == 0, 1.0, -1.0)
-        xt = st["x"] + nxt * h[jnp.minimum(i2, n - 1)] * eye[jnp.minimum(i2, n - 1)]
-        st = dict(st, G=G, k=k, xt=xt)
+        i = jnp.minimum(k // 2, n - 1)
+        contrib = jnp.where(k % 2 == 0, gt, -gt) / (2.0 * fd_h(x)[i])
+        G = jnp.where(hs, st["G"].at[i].add(contrib), st["G"])
+        k_next = jnp.where(hs, k + 1, k)
+        hs_done = hs & (k_next >= 2 * n)
+        Hfd = 0.5 * (G + G.T)
+        L = jnp.linalg.cholesky(Hfd)
+        step = jax.scipy.linalg.cho_solve((L, True), g)
+        good_step = jnp.all(jnp.isfinite(step))
 
-        def newton(st):
-            H = 0.5 * (st["G"] + st["G"].T)
-            L = jnp.linalg.cholesky(H)
-            step = jax.scipy.linalg.cho_solve((L, True), st["g"])
-            good = jnp.all(jnp.isfinite(step))
-            return dict(st, H=H, phase=jnp.where(good, _NEWTON, _DONE),
-                        xt=st["x"] - jnp.where(good, step, 0.0))
+        # ---- Newton phase: accept the polished point if it is no worse
+        nw = phase == _NEWTON
+        better = finite_t & (ft <= f + 1e-10 * jnp.maximum(1.0, jnp.abs(f)))
+        better = better & (jnp.max(jnp.abs(gt), initial=0.0) <= jnp.max(jnp.abs(g), initial=0.0))
+        take = acc | (nw & better) | (ini & finite_t)
 
-        return jax.lax.cond(k >= 2 * n, lambda s: norm(newton(s)), lambda s: norm(s), st)
-
-    def on_newton(st, ft, gt, auxt):
-        better = jnp.isfinite(ft) & (ft <= st["f"] + 1e-10 * jnp.maximum(1.0, jnp.abs(st["f"])))
-        better = better & (jnp.max(jnp.abs(gt)) <= jnp.max(jnp.abs(st["g"])))
-        sel = lambda a, b: jnp.where(better, a, b)
-        status = jnp.where(better & small_grad(ft, gt), 0, st["status"])
-        return dict(st, x=sel(st["xt"], st["x"]), f=sel(ft, st["f"]), g=sel(gt, st["g"]),
-                    aux=jax.tree_util.tree_map(sel, auxt, st["aux"]), status=status, phase=_DONE)
+        # ---- next state
+        finish_ok = acc & conv_acc
+        finish_fail = ls & ~armijo & gave_up
+        to_hessian = (finish_ok | finish_fail) & polish
+        status = jnp.where(finish_ok, OUTER_OK, st["status"])
+        status = jnp.where(finish_fail, jnp.where(small_grad(f, g * 1e-3), OUTER_OK, OUTER_LINESEARCH), status)
+        status = jnp.where(nw & better & small_grad(ft, gt), OUTER_OK, status)
+        status = jnp.where(ini, jnp.where(finite_t, jnp.where(done_ini, OUTER_OK, OUTER_MAXITER),
+                                          OUTER_NONFINITE), status)
+        to_hessian = to_hessian | (done_ini & finite_t & polish)
+        new_x = jnp.where(take, xt, x)
+        phase_next = jnp.where(
+            ini, jnp.where(done_ini, jnp.where(finite_t & polish, _HESSIAN, _DONE), _LINESEARCH),
+            jnp.where(to_hessian, _HESSIAN,
+            jnp.where((finish_ok | finish_fail) & ~polish, _DONE,
+                      jnp.where(hs_done, jnp.where(good_step, _NEWTON, _DONE),
+                                jnp.where(nw, _DONE, phase)))))
+        restart = ls & ~armijo & exhausted & ~gave_up
+        backtrack = ls & ~armijo & ~exhausted
+        a_next = jnp.where(acc | restart, 1.0, jnp.where(backtrack, a_bt, a))
+        p_next = jnp.where(ini, p_ini, jnp.where(acc, p_acc, jnp.where(restart, p_sd, p)))
+        xt_next = jnp.where(ini, jnp.where(done_ini, fd_point(xt, 0), xt + p_ini),
+                  jnp.where(acc & ~conv_acc, xt + p_acc,
+                   jnp.where(backtrack, x + a_bt * p,
+                   jnp.where(restart, x + p_sd,
+                   jnp.where(to_hessian, fd_point(new_x, 0),
+                   jnp.where(hs & ~hs_done, fd_point(x, k_next),
+                   jnp.where(hs_done, x - jnp.where(good_step, step, 0.0), xt)))))))
+        return dict(
+            x=new_x, f=jnp.where(take, ft, f), g=jnp.where(take, gt, g),
+            aux=jax.tree_util.tree_map(lambda a1, a0: jnp.where(take, a1, a0), auxt, st["aux"]),
+            Hinv=jnp.where(acc, Hacc, jnp.where(restart, eye, Hinv)),
+            p=p_next, a=a_next, xt=xt_next,
+            halvings=jnp.where(backtrack, st["halvings"] + 1, jnp.where(acc | restart, 0, st["halvings"])),
+            first=jnp.where(acc, False, jnp.where(restart, True, st["first"])),
+            nsmall=jnp.where(acc, nsmall_acc, st["nsmall"]),
+            nfail=jnp.where(acc, 0, jnp.where(restart, st["nfail"] + 1, st["nfail"])),
+            k=jnp.where(to_hessian, 0, k_next), G=jnp.where(to_hessian, 0.0, G),
+            H=jnp.where(hs_done, Hfd, st["H"]),
+            evals=st["evals"] + 1, status=status, phase=phase_next,
+        )
 
     def cond(st):
         return (st["phase"] != _DONE) & (st["evals"] < opt.max_evals)
 
-    def body(st):
-        ft, gt, auxt = value_and_grad(st["xt"], st["aux"], data)
-        st = dict(st, evals=st["evals"] + 1)
-        branches = [on_linesearch, on_hessian, on_newton, lambda s, *a: s]
-        return jax.lax.switch(st["phase"], [lambda *a, b=b: norm(b(*a)) for b in branches],
-                              norm(st), ft, gt, auxt)
-
-    p0, _ = direction(eye, g0, True)
     st = dict(
-        x=x0, f=f0, g=g0, aux=aux0, Hinv=eye, p=p0, a=1.0, halvings=0, xt=x0 + p0, first=True,
-        nsmall=0, nfail=0, k=0, G=jnp.zeros((n, n)), H=jnp.zeros((n, n)), evals=1,
-        status=jnp.where(ok0, OUTER_MAXITER, OUTER_NONFINITE),
-        phase=jnp.where(ok0, _LINESEARCH, _DONE),
+        x=x0, f=jnp.asarray(jnp.inf, x0.dtype), g=jnp.zeros_like(x0), aux=aux0, Hinv=eye,
+        p=jnp.zeros_like(x0), a=jnp.asarray(1.0), xt=x0,
+        halvings=jnp.asarray(0), first=jnp.asarray(True), nsmall=jnp.asarray(0), nfail=jnp.asarray(0),
+        k=jnp.asarray(0), G=jnp.zeros((n, n)), H=jnp.zeros((n, n)), evals=jnp.asarray(0),
+        status=jnp.asarray(OUTER_MAXITER), phase=jnp.asarray(_INIT),
     )
-    st = norm(st)
-    st = jax.lax.cond(ok0 & small_grad(f0, g0), lambda s: norm(finish(s, 0)), lambda s: s, st)
     st = jax.lax.while_loop(cond, body, st)
     return dict(x=st["x"], f=st["f"], g=st["g"], aux=st["aux"], status=st["status"],
                 iterations=st["evals"], hessian=st["H"])

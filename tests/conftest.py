@@ -1,0 +1,1 @@
+import tmbx  # noqa: F401  (float64 on for every test)
