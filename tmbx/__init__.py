@@ -13,9 +13,11 @@ from ._laplace import InnerOptions
 from ._model import BatchFit, Fit, LatentGaussian, Model
 from ._optim import BFGSOptions
 from ._sdreport import SDReport
+from . import families, covstructs  # noqa: E402  (plug-in libraries)
+from .formula import GlmmFit, anova, glmm
 
 __all__ = [
-    "BFGSOptions", "BatchFit", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
+    "BFGSOptions", "BatchFit", "GlmmFit", "anova", "covstructs", "families", "glmm", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
     "list_datasets", "load_dataset",
 ]
 __version__ = "0.1.0"

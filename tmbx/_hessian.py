@@ -81,17 +81,28 @@ class LatentGaussianHessian:
     data)`` a scalar.
     """
 
-    def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None):
+    def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None,
+                 jacobian=None):
         self.eta_fn, self.obs_nll, self.latent_nll = eta_fn, obs_nll, latent_nll
         n = u0.shape[0]
         eta0 = jax.eval_shape(eta_fn, x0, u0, data0)
         self.K = 1 if len(eta0.shape) == 1 else eta0.shape[1]
         self.N = eta0.shape[0]
-        flat_eta = lambda u: eta_fn(x0, u, data0).reshape(-1)
-        jcol = asdex.jacobian_coloring(flat_eta, u0)
-        self.jcoloring = jcol
-        sp = jcol.sparsity
-        jr, jc = np.asarray(sp.rows), np.asarray(sp.cols)
+        if jacobian is None:
+            # read J's pattern off the jaxpr and colour its columns (asdex)
+            flat_eta = lambda u: eta_fn(x0, u, data0).reshape(-1)
+            jcol = asdex.jacobian_coloring(flat_eta, u0)
+            jr, jc = np.asarray(jcol.sparsity.rows), np.asarray(jcol.sparsity.cols)
+            colors, ncolors = np.asarray(jcol.colors), jcol.num_colors
+        else:
+            # a caller that knows J's structure (the formula layer: one colour per
+            # random-effect term column, since two levels of one factor never share
+            # an observation) skips the detection, which is slow for millions of rows
+            jr, jc, colors = (np.asarray(a, np.int64) for a in jacobian)
+            ncolors = int(colors.max()) + 1 if colors.size else 0
+        self.jrows = jnp.asarray(jr, jnp.int32)
+        self.jcolor_of_entry = jnp.asarray(colors[jc], jnp.int32)
+        self.ncolors = ncolors
         # latent part
         lat = lambda u: latent_nll(x0, u, data0)
         self.lat = ColoredHessianPart(lat, u0).bind(latent_nll)
@@ -124,13 +135,15 @@ class LatentGaussianHessian:
         s = np.where(valid & (s >= 0), s, self.layout.size)
         self.obs_slots = jnp.asarray(s.reshape(self.N, R, R), jnp.int32)
         self.lat_slots = jnp.asarray(_slots_with_dummy(self.layout, self.lat.rows, self.lat.cols))
-        self.jseeds = jnp.asarray(_seeds(np.asarray(jcol.colors), jcol.num_colors))
+        self.jseeds = jnp.asarray(_seeds(colors, ncolors))
 
     def jacobian_values(self, x, u, data):
+        """Values of J = d eta / du at its pattern entries: one JVP per colour, then
+        each entry read from its column's colour (columns of a colour never share a row)."""
         f = lambda uu: self.eta_fn(x, uu, data).reshape(-1)
         jvp = lambda s: jax.jvp(f, (u,), (s,))[1]
-        B = jax.vmap(jvp)(self.jseeds)
-        return asdex.decompress_data(B[: self.jcoloring.num_colors], self.jcoloring)
+        B = jax.vmap(jvp)(self.jseeds)  # (ncolors, N*K)
+        return B[self.jcolor_of_entry, self.jrows]
 
     def weights(self, x, u, data):
         """Per-observation Hessian blocks of obs_nll in eta: (N, K, K)."""

@@ -47,6 +47,7 @@ class LatentGaussian:
     eta: Callable
     obs_nll: Callable
     latent_nll: Callable
+    jacobian: tuple | None = None  # optional (rows, cols, colours) of d eta / du over u's indices
 
     def nll(self, p, d):
         return jnp.sum(self.obs_nll(self.eta(p, d), p, d)) + self.latent_nll(p, d)
@@ -114,7 +115,7 @@ class Model:
                     lambda x, u, d: lg.eta(space.unflatten(x, u), d),
                     lambda e, x, u, d: lg.obs_nll(e, space.unflatten(x, u), d),
                     lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
-                    x0, u0, self.data, layout_kind=layout,
+                    x0, u0, self.data, layout_kind=layout, jacobian=lg.jacobian,
                 )
             else:
                 hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)

@@ -117,6 +117,11 @@ class DenseFactor(eqx.Module):
         Linv = _tri_solve(self.L, jnp.eye(self.L.shape[0]))
         return jnp.sum(Linv**2, axis=0)
 
+    def inverse_entries(self, rows, cols):
+        """Entries (rows[i], cols[i]) of H^-1."""
+        Linv = _tri_solve(self.L, jnp.eye(self.L.shape[0]))
+        return jnp.sum(Linv[:, rows] * Linv[:, cols], axis=0)
+
 
 # --------------------------------------------------------------------------
 # Arrow: block-diagonal head + sparse coupling + dense tail
@@ -268,6 +273,30 @@ class ArrowFactor(eqx.Module):
         if vec:
             xh, xt = xh[..., 0], xt[..., 0]
         return self._scatter(xh, xt)
+
+    def inverse_entries(self, rows, cols):
+        """Entries (rows[i], cols[i]) of H^-1 for pairs inside one head block or
+        inside the tail (the selected inverse on the arrow's own pattern)."""
+        lay = self.layout
+        rows, cols = np.asarray(rows), np.asarray(cols)
+        br, bc = lay.where_block[rows], lay.where_block[cols]
+        if np.any((br != bc) | ((br < 0) != (bc < 0))):
+            raise NotImplementedError("inverse entries across arrow blocks")
+        Lhinv = jax.vmap(lambda L: _tri_solve(L, jnp.eye(lay.k)))(self.Lh)  # (m,k,k)
+        head = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)  # D^-1 blocks
+        if lay.t:
+            Ltinv = _tri_solve(self.Lt, jnp.eye(lay.t))
+            Sinv = Ltinv.T @ Ltinv
+            Scc = Sinv[lay.cols[:, :, None], lay.cols[:, None, :]]
+            V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)
+            head = head + jnp.einsum("mic,mcd,mld->mil", V, Scc, V)
+        else:
+            Sinv = jnp.zeros((1, 1))
+        pr, pc = lay.where_pos[rows], lay.where_pos[cols]
+        hb = np.maximum(br, 0)
+        out_h = head[hb, pr, pc]
+        out_t = Sinv[np.where(br < 0, pr, 0), np.where(br < 0, pc, 0)]
+        return jnp.where(jnp.asarray(br >= 0), out_h, out_t)
 
     def diag_inverse(self):
         """Diagonal of H^-1 without forming it (selected inversion of the arrow)."""
@@ -530,6 +559,11 @@ def choose_layout(n: int, rows: np.ndarray, cols: np.ndarray, *, dense_max: int 
     """
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)
+    if isinstance(force, tuple) and force[0] == "arrow":
+        # the caller names the tail (e.g. all but the largest grouping factor)
+        if n <= dense_max:
+            return DenseLayout(n=n)
+        return arrow_layout(n, rows, cols, np.asarray(force[1], np.int64))
     if force == "dense" or (force is None and n <= dense_max):
         return DenseLayout(n=n)
     candidates = []

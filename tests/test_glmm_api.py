@@ -1,0 +1,165 @@
+"""tmbx.glmm's methods against glmmTMB (predict, ranef), closed forms and templates;
+bad input."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import jax.scipy.stats as jst
+import numpy as np
+import pandas as pd
+import pytest
+
+import tmbx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SLEEP = json.load(open(os.path.join(HERE, "data", "inference", "sleepstudy_inference.json")))
+
+
+@pytest.fixture(scope="module")
+def sleep_fit():
+    return tmbx.glmm("Reaction ~ Days + (Days|Subject)", data=tmbx.load_dataset("sleepstudy"))
+
+
+def test_predict_matches_glmmtmb(sleep_fit):
+    ref = SLEEP["predict"]
+    new = pd.DataFrame(ref["newdata"])
+    for kind, re_form in (("conditional", None), ("population", "NA")):
+        out = sleep_fit.predict(newdata=new, re_form=re_form, se_fit=True)
+        np.testing.assert_allclose(out["fit"], ref[kind]["fit"], rtol=1e-5)
+        np.testing.assert_allclose(out["se_fit"], ref[kind]["se"], rtol=2e-3)
+
+
+def test_ranef_matches_glmmtmb(sleep_fit):
+    ref = SLEEP["ranef"]
+    re = sleep_fit.ranef()["Subject"]
+    modes = pd.DataFrame(ref["mode"]).set_index("_row")
+    np.testing.assert_allclose(re["Intercept"].to_numpy(), modes["(Intercept)"].to_numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(re["Days"].to_numpy(), modes["Days"].to_numpy(), rtol=1e-4, atol=1e-4)
+    sds = np.asarray(ref["cond_sd"])  # glmmTMB's condVar sds, rows = levels, cols = terms
+    np.testing.assert_allclose(re["se:Intercept"].to_numpy(), sds[:, 0], rtol=2e-3)
+    np.testing.assert_allclose(re["se:Days"].to_numpy(), sds[:, 1], rtol=2e-3)
+
+
+def test_summary_and_basic_methods(sleep_fit):
+    text = str(sleep_fit.summary())
+    assert "Subject" in text and "Days" in text and "Conditional model" in text
+    assert sleep_fit.nobs == 180
+    assert abs(sleep_fit.aic - (-2 * sleep_fit.loglik + 2 * 6)) < 1e-9
+    r = sleep_fit.residuals()
+    np.testing.assert_allclose(r, tmbx.load_dataset("sleepstudy")["Reaction"] - sleep_fit.fitted())
+    pr = sleep_fit.residuals("pearson")
+    np.testing.assert_allclose(pr, r / sleep_fit.sigma, rtol=1e-10)
+    sims = sleep_fit.simulate(nsim=200, seed=1)
+    assert sims.shape == (200, 180)
+    # simulated data vary around the population mean with the marginal variance
+    vc = sleep_fit.varcorr["Subject"].cov.to_numpy()
+    X = np.column_stack([np.ones(180), tmbx.load_dataset("sleepstudy")["Days"]])
+    marg = np.einsum("ij,jk,ik->i", X, vc, X) + sleep_fit.sigma**2
+    assert abs(sims.var(axis=0).mean() / marg.mean() - 1) < 0.1
+    ci = sleep_fit.confint()
+    assert list(ci.columns) == ["estimate", "lower", "upper"]
+    assert "sd_Intercept|Subject" in ci.index and "sigma" in ci.index
+    with pytest.raises(ValueError, match="not parameters"):
+        sleep_fit.confint(parm="nope")
+
+
+def test_wald_ci_matches_glmmtmb(sleep_fit):
+    ref = SLEEP["wald_ci_glmmTMB"]
+    ci = sleep_fit.confint()
+    names = {"(Intercept)": "Intercept", "Std.Dev.(Intercept)|Subject": "sd_Intercept|Subject",
+             "Std.Dev.Days|Subject": "sd_Days|Subject", "sigma": "sigma", "Days": "Days"}
+    for rname, lo, hi in zip(ref["names"], ref["lower"], ref["upper"]):
+        if rname not in names:
+            continue
+        row = ci.loc[names[rname]]
+        width = hi - lo
+        assert abs(row["lower"] - lo) < 1e-3 * width, rname
+        assert abs(row["upper"] - hi) < 1e-3 * width, rname
+
+
+def test_formula_fit_equals_handwritten_template():
+    """The formula layer's Poisson random-slope GLMM equals the same model written
+    as a template (different parameterization of the random effects: Laplace is
+    invariant to it)."""
+    rng = np.random.default_rng(3)
+    ng, per = 25, 12
+    g = np.repeat(np.arange(ng), per)
+    x = rng.normal(size=g.size)
+    b0, b1 = rng.normal(0, 0.6, ng), rng.normal(0, 0.3, ng)
+    y = rng.poisson(np.exp(0.4 + b0[g] + (0.2 + b1[g]) * x))
+    df = pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
+    fit = tmbx.glmm("y ~ x + (1 + x || g)", data=df, family="poisson")
+
+    def nll(p, d):
+        eta = p["beta"][0] + p["beta"][1] * d["x"] + p["b0"][d["g"]] + p["b1"][d["g"]] * d["x"]
+        lik = jst.poisson.logpmf(d["y"], jnp.exp(eta)).sum()
+        pri = jst.norm.logpdf(p["b0"], 0, jnp.exp(p["ls"][0])).sum() + jst.norm.logpdf(p["b1"], 0, jnp.exp(p["ls"][1])).sum()
+        return -(lik + pri)
+
+    codes = pd.Categorical(df["g"]).codes
+    m = tmbx.Model(nll, dict(beta=np.zeros(2), ls=np.zeros(2), b0=np.zeros(ng), b1=np.zeros(ng)),
+                   data=dict(y=y.astype(float), x=x, g=codes), random=["b0", "b1"])
+    ref = m.fit()
+    assert abs(fit.loglik - ref.loglik) < 1e-6
+    np.testing.assert_allclose(fit.fixef["cond"].to_numpy(), ref.par["beta"], atol=1e-4)
+    np.testing.assert_allclose(fit.varcorr["g"].sd.to_numpy(), np.exp(ref.par["ls"]), rtol=1e-4)
+    np.testing.assert_allclose(fit.se()["cond"].to_numpy(), ref.sdreport().se["beta"], rtol=1e-3)
+
+
+def test_simulate_and_refit_recovers_truth():
+    rng = np.random.default_rng(5)
+    ng, per = 60, 10
+    g = np.repeat(np.arange(ng), per)
+    x = rng.normal(size=g.size)
+    y = rng.binomial(1, 1 / (1 + np.exp(-(-0.3 + 0.8 * x + rng.normal(0, 1.0, ng)[g]))))
+    df = pd.DataFrame({"y": y, "x": x, "g": g})
+    fit = tmbx.glmm("y ~ x + (1|g)", data=df, family="binomial")
+    est = fit.fixef["cond"]
+    se = fit.se()["cond"]
+    assert abs(est["x"] - 0.8) < 3 * se["x"]
+    assert abs(est["Intercept"] + 0.3) < 3 * se["Intercept"]
+    assert 0.5 < fit.varcorr["g"].sd.iloc[0] < 1.6
+
+
+def test_anova_lrt():
+    df = tmbx.load_dataset("sleepstudy")
+    f0 = tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df)
+    f1 = tmbx.glmm("Reaction ~ Days + (Days|Subject)", data=df)
+    tab = tmbx.anova(f0, f1)
+    assert list(tab["npar"]) == [4, 6]
+    assert abs(tab["Chisq"].iloc[1] - 2 * (f1.loglik - f0.loglik)) < 1e-9
+    ref = SLEEP["lrt"][0]["table"][1]
+    assert abs(tab["Chisq"].iloc[1] - ref["Chisq"]) < 1e-3 * ref["Chisq"]
+    assert abs(np.log(tab["Pr(>Chisq)"].iloc[1]) - np.log(ref["Pr(>Chisq)"])) < 1e-3 * abs(np.log(ref["Pr(>Chisq)"]))
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(formula="Reaction ~ Dayz + (1|Subject)"), "Dayz"),
+    (dict(formula="Reaction ~ Days + (1|Subject", ), "parse|parenthes|\\)"),
+    (dict(formula="Reaction ~ Days + (1|Subject)", family="poissson"), "poisson"),
+    (dict(formula="Reaction ~ Days + foo(Days|Subject)"), "structure|foo"),
+    (dict(formula="Reaction ~ Days + ar1(Days + 0|Subject)"), "factor"),
+])
+def test_bad_input_is_refused_clearly(kwargs, match):
+    df = tmbx.load_dataset("sleepstudy")
+    with pytest.raises(ValueError, match=match):
+        tmbx.glmm(data=df, **kwargs)
+
+
+def test_response_outside_support_and_single_level():
+    df = tmbx.load_dataset("sleepstudy")
+    with pytest.raises(ValueError, match="negative|count|integer"):
+        tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df.assign(Reaction=-df["Reaction"]), family="poisson")
+    one = df.assign(G="a")
+    with pytest.raises(ValueError, match="level"):
+        tmbx.glmm("Reaction ~ Days + (1|G)", data=one)
+
+
+def test_missing_values_are_dropped_with_a_message():
+    df = tmbx.load_dataset("sleepstudy").copy()
+    df.loc[3, "Days"] = np.nan
+    with pytest.warns(UserWarning, match="missing|NA|dropp"):
+        fit = tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df)
+    assert fit.nobs == 179

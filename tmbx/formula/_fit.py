@@ -1,0 +1,539 @@
+"""`GlmmFit`: the result of `tmbx.glmm`, with glmmTMB's methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import scipy.stats as sst
+
+from ._design import new_design
+
+_COMPONENT_OF = {"beta": "cond", "betazi": "zi", "betadisp": "disp"}
+
+
+@dataclasses.dataclass
+class VarCorrTerm:
+    """One grouping term's random-effect covariance (glmmTMB's VarCorr entry)."""
+
+    sd: pd.Series
+    corr: pd.DataFrame
+    structure: str
+    extra: dict
+
+    @property
+    def cov(self) -> pd.DataFrame:
+        s = self.sd.to_numpy()
+        return pd.DataFrame(self.corr.to_numpy() * np.outer(s, s), index=self.sd.index, columns=self.sd.index)
+
+    def __repr__(self):
+        return f"VarCorrTerm(structure={self.structure!r}, sd={dict(self.sd.round(6))})"
+
+
+class GlmmFit:
+    """A fitted generalized linear mixed model (glmmTMB's ``glmmTMB`` object)."""
+
+    def __init__(self, template, fit, formula, call):
+        self.template = template
+        self.model = template.model
+        self.family = template.family
+        self.design = template.design
+        self._fit = fit
+        self.formula = formula
+        self.call = call
+        self.reml = template.reml
+        self._sdr = None
+        self._cov = None
+
+    # ------------------------------------------------------------ basics
+    @property
+    def loglik(self) -> float:
+        return self._fit.loglik
+
+    @property
+    def nobs(self) -> int:
+        return int(self.design.nobs)
+
+    @property
+    def df_model(self) -> int:
+        """Number of estimated parameters (glmmTMB's ``df`` of logLik)."""
+        sp = self.model.space
+        n = sp.n_x
+        if self.reml:
+            n += sum(int(np.sum(sp.index[k] >= 0)) for k in ("beta", "betazi") if k in sp.random)
+        return int(n)
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.loglik + 2 * self.df_model
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.loglik + math.log(self.nobs) * self.df_model
+
+    @property
+    def df_resid(self) -> int:
+        return self.nobs - self.df_model
+
+    @property
+    def converged(self) -> bool:
+        return self._fit.converged
+
+    @property
+    def message(self) -> str:
+        return self._fit.message
+
+    def _par(self) -> dict:
+        p = self.model.space.unflatten(jnp.asarray(self._fit.x), jnp.asarray(self._fit.u))
+        return {k: np.asarray(v) for k, v in p.items()}
+
+    @property
+    def fixef(self) -> dict:
+        """Fixed effects by component ("cond", "zi", "disp"): pandas Series by coefficient."""
+        p = self._par()
+        out = {}
+        for key, comp in _COMPONENT_OF.items():
+            if key in p:
+                out[comp] = pd.Series(p[key], index=self.template.names[key], name=comp)
+        return out
+
+    # ------------------------------------------------------------ covariance
+    def sdreport(self):
+        if self._sdr is None:
+            self._sdr = self._fit.sdreport()
+        return self._sdr
+
+    def _full_cov(self) -> pd.DataFrame:
+        """Covariance of every fixed-model parameter (beta, betazi, betadisp, theta, psi);
+        for REML fits, beta's block comes from the joint precision as glmmTMB does."""
+        if self._cov is not None:
+            return self._cov
+        sp = self.model.space
+        rep = self.sdreport()
+        V = rep.cov_fixed
+        labels = []
+        for name in sp.fixed:
+            for i, idx in enumerate(sp.index[name]):
+                if idx >= 0 and sp.first["x"][idx] == (name, i):
+                    labels.append((name, i))
+        cov = pd.DataFrame(V, index=pd.MultiIndex.from_tuples(labels), columns=pd.MultiIndex.from_tuples(labels))
+        if self.reml:
+            cov = self._reml_cov(cov)
+        self._cov = cov
+        return cov
+
+    def _reml_cov(self, cov):
+        sp = self.model.space
+        lap = self.model.laplace
+        x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
+        names = [n for n in ("beta", "betazi") if n in sp.random]
+        cols = np.concatenate([sp.index[n] for n in names])
+        labels = [(n, i) for n in names for i in range(len(sp.index[n]))]
+        V = np.nan_to_num(cov.to_numpy())
+
+        @jax.jit
+        def core(x, u):
+            F = lap.factor(x, u, d)
+            E = jnp.zeros((u.shape[0], len(cols))).at[cols, jnp.arange(len(cols))].set(1.0)
+            Hinv = F.solve(E)[cols]
+            J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)[cols] if x.shape[0] else jnp.zeros((len(cols), 0))
+            return Hinv, J
+
+        Hinv, J = (np.asarray(a) for a in core(x, u))
+        Cbb = Hinv + J @ V @ J.T
+        Cbx = J @ V
+        idx = pd.MultiIndex.from_tuples(labels + list(cov.index))
+        full = np.block([[Cbb, Cbx], [Cbx.T, cov.to_numpy()]])
+        return pd.DataFrame(full, index=idx, columns=idx)
+
+    def vcov(self, full: bool = False):
+        """Covariance of the fixed effects: dict component -> DataFrame (``full``: all parameters)."""
+        cov = self._full_cov()
+        if full:
+            return cov
+        out = {}
+        for key, comp in _COMPONENT_OF.items():
+            if key in self.template.names:
+                sel = [(key, i) for i in range(len(self.template.names[key])) if (key, i) in cov.index]
+                nm = [self.template.names[key][i] for _, i in sel]
+                out[comp] = pd.DataFrame(cov.loc[sel, sel].to_numpy(), index=nm, columns=nm)
+        return out
+
+    def se(self) -> dict:
+        return {k: pd.Series(np.sqrt(np.diag(v.to_numpy())), index=v.index) for k, v in self.vcov().items()}
+
+    # ------------------------------------------------------------ random effects
+    @property
+    def varcorr(self) -> dict:
+        """Random-effect sds and correlations by group name (glmmTMB's VarCorr)."""
+        p = self._par()
+        out = {}
+        for t in self.template.terms:
+            theta = p["theta" if t.component == "cond" else "thetazi"][t.theta_slice]
+            rep = t.struct.report(jnp.asarray(theta))
+            sd = pd.Series(np.asarray(rep["sd"], float).reshape(-1), index=t.terms)
+            corr = pd.DataFrame(np.asarray(rep["corr"], float).reshape(t.k, t.k), index=t.terms, columns=t.terms)
+            extra = {k: v for k, v in rep.items() if k not in ("sd", "corr")}
+            key = t.group if t.component == "cond" else f"zi~{t.group}" if False else t.group
+            if t.component == "zi":
+                out.setdefault("zi", {})[key] = VarCorrTerm(sd, corr, t.struct.name, extra)
+            else:
+                out[key] = VarCorrTerm(sd, corr, t.struct.name, extra)
+        return out
+
+    @property
+    def sigma(self):
+        """glmmTMB's ``sigma()``: the family's dispersion when ``dispformula`` is ~1."""
+        fam = self.family
+        if not fam.has_disp:
+            return 1.0
+        disp = self.design.components["disp"]
+        if disp.X.shape[1] != 1 or not np.allclose(disp.X, 1.0):
+            return None
+        bd = float(self._par()["betadisp"][0])
+        psi = self._par().get("psi")
+        return float(fam.sigma(bd, psi))
+
+    def ranef(self, condVar: bool = True) -> dict:
+        """Conditional modes of the random effects (and their sds): dict group -> DataFrame."""
+        p = self._par()
+        rep = self.sdreport() if condVar else None
+        out = {}
+        for t in self.template.terms:
+            bkey, thkey = ("b", "theta") if t.component == "cond" else ("bzi", "thetazi")
+            u = p[bkey][t.b_slice].reshape(t.m, t.k)
+            T = np.asarray(t.struct.factor(jnp.asarray(p[thkey][t.theta_slice])))
+            b = u @ T.T
+            df = pd.DataFrame(b, index=pd.Index(t.levels, name=t.group), columns=t.terms)
+            if condVar:
+                df_sd = self._ranef_sd(t, T, bkey)
+                for j, name in enumerate(t.terms):
+                    df[f"se:{name}"] = df_sd[:, j]
+            key = t.group if t.component == "cond" else f"zi:{t.group}"
+            out[key] = df
+        return out
+
+    def _ranef_sd(self, t, T, bkey):
+        """Conditional sds of b = T(theta) u per level (TMB's sdreport formula for the
+        random effects glmmTMB reports): Var(b) = T H_uu^-1 T' + Jb V Jb', with the
+        k x k blocks of H_uu^-1 from the selected inverse of the sparse factor and
+        Jb = db*/dx the total derivative (through u*(x) and through T(theta))."""
+        sp = self.model.space
+        lap = self.model.laplace
+        pos = sp.index[bkey][t.b_slice].reshape(t.m, t.k)
+        rows = np.repeat(pos, t.k, axis=1).reshape(-1)
+        cols = np.tile(pos, (1, t.k)).reshape(-1)
+        thkey = "theta" if bkey == "b" else "thetazi"
+        x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
+        V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
+
+        def b_of(xx, uu):
+            p = sp.unflatten(xx, uu)
+            Tt = t.struct.factor(p[thkey][t.theta_slice])
+            return (p[bkey][t.b_slice].reshape(t.m, t.k) @ Tt.T).reshape(-1)
+
+        @jax.jit
+        def core(x, u):
+            F = lap.factor(x, u, d)
+            blocks = F.inverse_entries(rows, cols).reshape(t.m, t.k, t.k)
+            Tt = t.struct.factor(sp.unflatten(x, u)[thkey][t.theta_slice])
+            var = jnp.einsum("jl,mlr,jr->mj", Tt, blocks, Tt)
+            if x.shape[0]:
+                Jb = jax.jacfwd(lambda xx: b_of(xx, lap.u_star(xx, u, d)[0]))(x)
+                var = var + jnp.einsum("ij,jk,ik->i", Jb, V, Jb).reshape(t.m, t.k)
+            return var
+
+        return np.sqrt(np.maximum(np.asarray(core(x, u)), 0.0))
+
+    # ------------------------------------------------------------ predictions
+    def _eta_fn(self, d, component="cond", population=False):
+        tmpl = self.template
+        terms = [t for t in tmpl.terms if t.component == component]
+
+        def fn(p):
+            comp = d[component]
+            eta = comp["X"] @ p["beta" if component == "cond" else "betazi"] + comp["offset"]
+            if not population:
+                for j, t in enumerate(terms):
+                    bkey, thkey = ("b", "theta") if component == "cond" else ("bzi", "thetazi")
+                    u = p[bkey][t.b_slice].reshape(t.m, t.k)
+                    T = t.struct.factor(p[thkey][t.theta_slice])
+                    bv = u @ T.T
+                    idx = comp["index"][j]
+                    contrib = jnp.sum(comp["Z"][j] * bv[jnp.maximum(idx, 0)], axis=1)
+                    eta = eta + jnp.where(idx >= 0, contrib, 0.0)
+            return eta
+
+        return fn
+
+    def _newdata(self, newdata):
+        if newdata is None:
+            des = self.design
+        else:
+            des = new_design(self.design, newdata, allow_new_levels=True)
+        d = {}
+        for key, comp in des.components.items():
+            d[key] = {"X": jnp.asarray(comp.X), "offset": jnp.asarray(comp.offset),
+                      "index": [jnp.asarray(t.index) for t in comp.re], "Z": [jnp.asarray(t.Z) for t in comp.re]}
+        return des, d
+
+    def predict(self, newdata=None, type="link", re_form=None, se_fit=False):
+        """Predictions (glmmTMB's ``predict``).
+
+        ``type``: "link" or "response" (conditional mean, zero-inflation included);
+        ``re_form``: None for conditional predictions, ``"NA"``/``np.nan``/``False``
+        for population-level; new levels get zero random effects. ``se_fit``:
+        delta-method standard errors over fixed and random effects (as glmmTMB).
+        Returns an array, or a DataFrame with ``fit`` and ``se_fit``.
+        """
+        population = re_form is not None and not (isinstance(re_form, str) and re_form.strip() in ("", "~."))
+        if isinstance(re_form, float) and np.isnan(re_form):
+            population = True
+        if type not in ("link", "response"):
+            raise ValueError(f"type must be 'link' or 'response', got {type!r}")
+        des, d = self._newdata(newdata)
+        sp = self.model.space
+        eta_c = self._eta_fn(d, "cond", population)
+        has_zi = "zi" in d
+
+        def pred(p):
+            eta = eta_c(p)
+            if type == "link":
+                return eta
+            zi = self._eta_fn(d, "zi", population)(p) if has_zi else None
+            disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
+            trials = None
+            return self.family.mean(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=trials)
+
+        x, u = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u)
+        fit = np.asarray(pred(sp.unflatten(x, u)))
+        if not se_fit:
+            return fit
+        se = self._delta_se(lambda xx, uu: pred(sp.unflatten(xx, uu)))
+        if not population:
+            # a level not seen in fitting has a random effect with no data: its
+            # conditional variance is the prior covariance (as glmmTMB, which adds
+            # the new level to the model)
+            extra = self._new_level_variance(d, "cond")
+            if type == "response" and np.any(extra > 0):
+                fam = self.family
+                mu_eta = np.asarray(fam.link.mu_eta(jnp.asarray(eta_c(sp.unflatten(x, u)))))
+                extra = extra * mu_eta**2
+            se = np.sqrt(se**2 + extra)
+        return pd.DataFrame({"fit": fit, "se_fit": se})
+
+    def _new_level_variance(self, d, component):
+        p = self._par()
+        extra = np.zeros(d[component]["X"].shape[0])
+        terms = [t for t in self.template.terms if t.component == component]
+        for j, t in enumerate(terms):
+            idx = np.asarray(d[component]["index"][j])
+            new = idx < 0
+            if not new.any():
+                continue
+            th = p["theta" if component == "cond" else "thetazi"][t.theta_slice]
+            S = np.asarray(t.struct.cov(jnp.asarray(th)))
+            Z = np.asarray(d[component]["Z"][j])[new]
+            extra[new] += np.einsum("ij,jk,ik->i", Z, S, Z)
+        return extra
+
+    def _delta_se(self, phi):
+        """sd of phi(x, u*) by TMB's sdreport formula (fixed + random uncertainty)."""
+        lap = self.model.laplace
+        x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
+        V = np.nan_to_num(self.sdreport().cov_fixed)
+        if lap is None:
+            D = np.asarray(jax.jacfwd(lambda xx: phi(xx, u))(x))
+            return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", D, V, D), 0))
+        D = np.asarray(jax.jacfwd(lambda xx: phi(xx, lap.u_star(xx, u, d)[0]))(x))
+        Pu = jax.jacfwd(lambda uu: phi(x, uu))(u)
+        F = lap.factor(x, u, d)
+        sol = np.asarray(F.solve(Pu.T))
+        var = np.einsum("ij,jk,ik->i", D, V, D) + np.einsum("ij,ji->i", np.asarray(Pu), sol)
+        return np.sqrt(np.maximum(var, 0))
+
+    def fitted(self):
+        return self.predict(type="response")
+
+    def residuals(self, type="response"):
+        """Residuals: "response" (y - mu; proportions for binomial), "pearson", "deviance"."""
+        y = self.design.y.astype(float)
+        trials = self.design.trials
+        mu = self.predict(type="response")
+        yy = y / trials if trials is not None else y
+        if type == "response":
+            return yy - mu
+        p = self._par()
+        _, d = self._newdata(None)
+        eta = np.asarray(self._eta_fn(d, "cond")(p))
+        zi = np.asarray(self._eta_fn(d, "zi")(p)) if "zi" in d else None
+        disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
+        if type == "pearson":
+            var = np.asarray(self.family.variance(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=trials))
+            return (yy - mu) / np.sqrt(var)
+        if type == "deviance":
+            return np.asarray(self.family.deviance_residuals(y, eta, disp=disp, psi=p.get("psi"), trials=trials))
+        raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
+
+    def simulate(self, nsim: int = 1, seed: int = 0) -> np.ndarray:
+        """Simulate responses with new random effects (glmmTMB's ``simulate``): (nsim, N)."""
+        if nsim < 1:
+            raise ValueError(f"nsim must be at least 1, got {nsim}")
+        p = {k: jnp.asarray(v) for k, v in self._par().items()}
+        _, d = self._newdata(None)
+        fam = self.family
+        trials = None if self.design.trials is None else jnp.asarray(self.design.trials)
+        has_zi = "zi" in d
+
+        def one(key):
+            k1, k2, k3 = jax.random.split(key, 3)
+            q = dict(p)
+            if "b" in q:
+                q["b"] = jax.random.normal(k1, q["b"].shape)
+            if "bzi" in q:
+                q["bzi"] = jax.random.normal(k2, q["bzi"].shape)
+            eta = self._eta_fn(d, "cond")(q)
+            zi = self._eta_fn(d, "zi")(q) if has_zi else None
+            disp = d["disp"]["X"] @ q["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
+            return fam.sample(k3, eta, disp=disp, psi=q.get("psi"), zi=zi, trials=trials)
+
+        keys = jax.random.split(jax.random.PRNGKey(seed), nsim)
+        return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+    # ------------------------------------------------------------ inference
+    def coef_table(self, component="cond") -> pd.DataFrame:
+        est = self.fixef[component]
+        se = self.se()[component]
+        z = est / se
+        p = 2 * sst.norm.sf(np.abs(z))
+        return pd.DataFrame({"Estimate": est, "Std. Error": se, "z value": z, "Pr(>|z|)": p})
+
+    def confint(self, method="wald", level=0.95, parm=None) -> pd.DataFrame:
+        """Confidence intervals; "wald" (glmmTMB's: sds on the log scale, back-transformed)."""
+        if method != "wald":
+            raise NotImplementedError(f"confint method {method!r} is not available yet; use 'wald'")
+        zq = sst.norm.ppf(0.5 + level / 2)
+        rows = []
+        for comp, est in self.fixef.items():
+            if comp == "disp" and self.sigma is not None:
+                continue
+            se = self.se()[comp]
+            prefix = "" if comp == "cond" else f"{comp}~"
+            for name in est.index:
+                rows.append((prefix + name, est[name], est[name] - zq * se[name], est[name] + zq * se[name]))
+        cov = self._full_cov()
+        p = self._par()
+        for t in self.template.terms:
+            key = "theta" if t.component == "cond" else "thetazi"
+            prefix = "" if t.component == "cond" else "zi~"
+            log_sd_idx = _log_sd_positions(t)
+            for j, pos in log_sd_idx:
+                gi = t.theta_slice.start + pos
+                th = float(p[key][gi])
+                se = math.sqrt(cov.loc[(key, gi), (key, gi)]) if (key, gi) in cov.index else float("nan")
+                rows.append((f"{prefix}sd_{t.terms[j]}|{t.group}", math.exp(th), math.exp(th - zq * se),
+                             math.exp(th + zq * se)))
+        if self.sigma is not None and self.family.has_disp and "betadisp" in p:
+            i = ("betadisp", 0)
+            se = math.sqrt(cov.loc[i, i])
+            bd = float(p["betadisp"][0])
+            sig = lambda v: float(self.family.sigma(v))
+            lo, hi = sorted([sig(bd - zq * se), sig(bd + zq * se)])
+            rows.append(("sigma", self.sigma, lo, hi))
+        df = pd.DataFrame(rows, columns=["name", "estimate", "lower", "upper"]).set_index("name")
+        if parm is not None:
+            parm = [parm] if isinstance(parm, str) else list(parm)
+            missing = [q for q in parm if q not in df.index]
+            if missing:
+                raise ValueError(f"parm names {missing} are not parameters; available: {list(df.index)}")
+            df = df.loc[parm]
+        return df
+
+    # ------------------------------------------------------------ printing
+    def summary(self) -> "Summary":
+        return Summary(self)
+
+    def __repr__(self):
+        return (f"GlmmFit({self.formula!r}, family={self.family.name}, logLik={self.loglik:.4f}, "
+                f"converged={self.converged})")
+
+
+def _log_sd_positions(t):
+    """(term index, theta position) of parameters that are log-sds of single terms."""
+    name = t.struct.name
+    if name in ("us", "diag", "cs", "toep", "hetar1"):
+        return [(j, j) for j in range(t.k)]
+    if name in ("homdiag", "homcs", "ar1", "ou", "exp", "gau", "mat", "homtoep") and t.k >= 1:
+        return [(0, 0)]
+    return []
+
+
+class Summary:
+    """glmmTMB-style summary; ``str()`` prints it, attributes hold the tables."""
+
+    def __init__(self, fit: GlmmFit):
+        self.fit = fit
+        self.coefficients = {c: fit.coef_table(c) for c in fit.fixef if not (c == "disp" and fit.sigma is not None)}
+
+    def __str__(self):
+        f = self.fit
+        fam = f.family
+        lines = [f" Family: {fam.name}  ( {fam.link.name} )" if hasattr(fam, "link") else f" Family: {fam.name}",
+                 f"Formula:          {f.formula}"]
+        if "zi" in f.design.components:
+            lines.append(f"Zero inflation:          {f.design.components['zi'].formula}")
+        disp = f.design.components["disp"].formula
+        if disp and disp.replace(" ", "") not in ("~1", ""):
+            lines.append(f"Dispersion:              {disp}")
+        lines.append("")
+        crit = "REML criterion at convergence" if f.reml else None
+        tab = pd.DataFrame({"AIC": [f.aic], "BIC": [f.bic], "logLik": [f.loglik], "deviance": [-2 * f.loglik],
+                            "df.resid": [f.df_resid]})
+        if crit:
+            lines.append(f"{crit}: {-2 * f.loglik:.1f}")
+        else:
+            lines.append(tab.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        lines.append("")
+        vc = f.varcorr
+        if vc:
+            lines.append("Random effects:")
+            lines.append("")
+            for title, table in (("Conditional model:", {k: v for k, v in vc.items() if k != "zi"}),
+                                 ("Zero-inflation model:", vc.get("zi", {}))):
+                if not table:
+                    continue
+                lines.append(title)
+                rows = []
+                for g, term in table.items():
+                    for i, (name, sd) in enumerate(term.sd.items()):
+                        corr = " ".join(f"{term.corr.iloc[i, j]:.3f}" for j in range(i)) if term.structure != "diag" else ""
+                        rows.append((g if i == 0 else "", name, sd**2, sd, corr))
+                if fam.name == "gaussian" and f.sigma is not None and title.startswith("Cond"):
+                    rows.append(("Residual", "", f.sigma**2, f.sigma, ""))
+                lines.append(pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev.", "Corr"])
+                             .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            ngrp = ", ".join(f"{t.group}, {t.m}" for t in f.template.terms if t.component == "cond")
+            lines.append(f"Number of obs: {f.nobs}, groups:  {ngrp}")
+            lines.append("")
+        if fam.has_disp and f.sigma is not None and fam.name != "gaussian":
+            lines.append(f"Dispersion parameter for {fam.name} family (): {f.sigma:.3g}")
+            lines.append("")
+        elif fam.name == "gaussian" and f.sigma is not None:
+            lines.append(f"Dispersion estimate for gaussian family (sigma^2): {f.sigma**2:.4g}")
+            lines.append("")
+        titles = {"cond": "Conditional model:", "zi": "Zero-inflation model:", "disp": "Dispersion model:"}
+        for comp, table in self.coefficients.items():
+            lines.append(titles[comp])
+            lines.append(table.to_string(float_format=lambda v: f"{v:.6g}"))
+            lines.append("")
+        if not f.converged:
+            lines.append(f"Warning: the fit did not converge: {f.message}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return str(self)
