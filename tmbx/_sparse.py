@@ -217,8 +217,8 @@ class ArrowLayout(_Layout):
         W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
         S = T
         if self.t:
-            contrib = jnp.einsum("mkc,mkd->mcd", W, W)
-            S = T.at[self.cols[:, :, None], self.cols[:, None, :]].add(-contrib)
+            contrib = jnp.sum(W[self.pair_b, :, self.pair_i] * W[self.pair_b, :, self.pair_j], axis=-1)
+            S = (T.reshape(-1).at[self.pair_dest].add(-contrib, indices_are_sorted=True)).reshape(T.shape)
             Lt = _chol(S)
         else:
             Lt = jnp.zeros((0, 0))
@@ -356,9 +356,25 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -
     colsarr = np.zeros((m, max(c, 1) if t else 0), np.int64)
     if len(keys):
         colsarr[kb, cidx] = keys % t
+    # the Schur complement's updates: only real coupling pairs of each block (a
+    # padded c x c block per head block wastes work when couplings vary in number),
+    # sorted by destination so the scatter is a sorted segment sum
+    if len(keys):
+        nvalid = np.bincount(kb, minlength=m)
+        pb = np.repeat(np.arange(m), nvalid**2)
+        offs = np.concatenate([[0], np.cumsum(nvalid**2)[:-1]])
+        local = np.arange(len(pb)) - offs[pb]
+        pi, pj = local // nvalid[pb], local % nvalid[pb]
+        dest = colsarr[pb, pi] * t + colsarr[pb, pj]
+        order = np.argsort(dest, kind="stable")
+        pair_b, pair_i, pair_j, pair_dest = pb[order], pi[order], pj[order], dest[order]
+    else:
+        pair_b = pair_i = pair_j = pair_dest = np.zeros(0, np.int64)
     return ArrowLayout(
         n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr,
         where_block=where_block, where_pos=where_pos, coupling_keys=keys, coupling_idx=cidx,
+        pair_b=pair_b.astype(np.int32), pair_i=pair_i.astype(np.int32), pair_j=pair_j.astype(np.int32),
+        pair_dest=pair_dest.astype(np.int32),
     )
 
 

@@ -6,7 +6,10 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.stats as sst
+
+from .._internal import LazyModule
+
+sst = LazyModule("scipy.stats")
 
 from ._design import build_design
 from ._fit import GlmmFit

@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.stats as sst
+
+from .._internal import LazyModule
+
+sst = LazyModule("scipy.stats")
 
 from ._design import new_design
 
