@@ -268,3 +268,19 @@ def test_inner_problem_without_finite_optimum_is_reported():
     with pytest.warns(RuntimeWarning, match="did not converge"):
         fit = model.fit()
     assert not fit.converged
+
+
+def test_joint_precision_is_sparse_and_matches_dense_hessian():
+    d, ng = _glmm_data(seed=9)
+    model = tmbx.Model(_poisson_nll, dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng)), data=d, random=["b"])
+    fit = model.fit()
+    rep = fit.sdreport(joint_precision=True)
+    P = rep.joint_precision
+    assert P.shape == (3 + ng, 3 + ng)
+    x, u = jnp.asarray(fit.x), jnp.asarray(fit.u)
+    Huu = np.asarray(jax.hessian(model.f, argnums=1)(x, u, model.data))
+    np.testing.assert_allclose(P[3:, 3:].toarray(), Huu, rtol=1e-8, atol=1e-10)
+    # the (x, x) block's inverse Schur complement is the fixed-effect covariance
+    Pd = P.toarray()
+    Vx = np.linalg.inv(Pd[:3, :3] - Pd[:3, 3:] @ np.linalg.solve(Pd[3:, 3:], Pd[3:, :3]))
+    np.testing.assert_allclose(Vx, rep.cov_fixed, rtol=1e-6)

@@ -119,14 +119,35 @@ class SDReport:
             self._report[1][k] = np.sqrt(np.maximum(np.diag(cov), 0.0)).reshape(v.shape)
 
     def _joint_precision(self, x, u, d, V):
-        """Joint precision of (x, u): [[Vx^-1 + Hxu Huu^-1 Hux, Hxu], [Hux, Huu]] (TMB's)."""
+        """Joint precision of (x, u) as TMB's ``getJointPrecision``: a scipy sparse
+        matrix [[V^-1 + Hxu Huu^-1 Hux, Hxu], [Hux, Huu]], with ``Huu`` taken from the
+        sparse latent Hessian (never dense in n_u); rows/columns ordered (x, u)."""
+        import scipy.sparse as sps
+
         model = self._fit.model
-        f = model.f
+        lap = model.laplace
         n_x = x.shape[0]
-        Huu = np.asarray(jax.hessian(f, argnums=1)(x, u, d))
-        Hxu = np.asarray(jax.jacfwd(jax.grad(f, argnums=0), argnums=1)(x, u, d))
-        top = np.linalg.inv(V) + Hxu @ np.linalg.solve(Huu, Hxu.T) if n_x else np.zeros((0, 0))
-        return np.block([[top, Hxu], [Hxu.T, Huu]])
+        if lap is None:
+            return sps.csr_matrix(np.linalg.inv(V)) if n_x else sps.csr_matrix((0, 0))
+        hess = lap.hessian
+        flat = np.asarray(jax.jit(hess.__call__)(x, u, d))
+        lay = lap.layout
+        rows, cols = np.asarray(hess.rows), np.asarray(hess.cols)
+        slots = lay.slots(rows, cols)
+        swapped = lay.slots(cols, rows)
+        slots = np.where(slots >= 0, slots, swapped)
+        vals = flat[slots]
+        n_u = u.shape[0]
+        Huu = sps.coo_matrix((vals, (rows, cols)), shape=(n_u, n_u)).tocsr()
+        Huu.sum_duplicates()
+        if not n_x:
+            return Huu
+        grad_x = lambda uu: jax.grad(model.f, argnums=0)(x, uu, d)
+        Hxu = np.asarray(jax.jit(jax.jacrev(grad_x))(u))  # (n_x, n_u)
+        F = lap.factor(x, u, d)
+        sol = np.asarray(jax.jit(F.solve)(jnp.asarray(Hxu.T)))  # Huu^-1 Hux
+        top = np.linalg.inv(V) + Hxu @ sol
+        return sps.bmat([[sps.csr_matrix(top), sps.csr_matrix(Hxu)], [sps.csr_matrix(Hxu.T), Huu]]).tocsr()
 
     def summary(self):
         """A pandas DataFrame: estimate and standard error of every reported quantity."""

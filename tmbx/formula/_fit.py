@@ -349,16 +349,19 @@ class GlmmFit:
         """sd of phi(x, u*) by TMB's sdreport formula (fixed + random uncertainty)."""
         lap = self.model.laplace
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
-        V = np.nan_to_num(self.sdreport().cov_fixed)
-        if lap is None:
-            D = np.asarray(jax.jacfwd(lambda xx: phi(xx, u))(x))
-            return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", D, V, D), 0))
-        D = np.asarray(jax.jacfwd(lambda xx: phi(xx, lap.u_star(xx, u, d)[0]))(x))
-        Pu = jax.jacfwd(lambda uu: phi(x, uu))(u)
-        F = lap.factor(x, u, d)
-        sol = np.asarray(F.solve(Pu.T))
-        var = np.einsum("ij,jk,ik->i", D, V, D) + np.einsum("ij,ji->i", np.asarray(Pu), sol)
-        return np.sqrt(np.maximum(var, 0))
+        V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
+
+        @jax.jit
+        def var(x, u):
+            if lap is None:
+                D = jax.jacfwd(lambda xx: phi(xx, u))(x)
+                return jnp.einsum("ij,jk,ik->i", D, V, D)
+            D = jax.jacfwd(lambda xx: phi(xx, lap.u_star(xx, u, d)[0]))(x)
+            Pu = jax.jacrev(lambda uu: phi(x, uu))(u)
+            sol = lap.factor(x, u, d).solve(Pu.T)
+            return jnp.einsum("ij,jk,ik->i", D, V, D) + jnp.einsum("ij,ji->i", Pu, sol)
+
+        return np.sqrt(np.maximum(np.asarray(var(x, u)), 0))
 
     def fitted(self):
         return self.predict(type="response")
