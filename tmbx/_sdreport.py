@@ -130,7 +130,7 @@ class SDReport:
         if lap is None:
             return sps.csr_matrix(np.linalg.inv(V)) if n_x else sps.csr_matrix((0, 0))
         hess = lap.hessian
-        flat = np.asarray(jax.jit(hess.__call__)(x, u, d))
+        flat = np.asarray(jax.jit(lambda xx, uu: hess(xx, uu, d))(x, u))
         lay = lap.layout
         rows, cols = np.asarray(hess.rows), np.asarray(hess.cols)
         slots = lay.slots(rows, cols)
@@ -144,8 +144,7 @@ class SDReport:
             return Huu
         grad_x = lambda uu: jax.grad(model.f, argnums=0)(x, uu, d)
         Hxu = np.asarray(jax.jit(jax.jacrev(grad_x))(u))  # (n_x, n_u)
-        F = lap.factor(x, u, d)
-        sol = np.asarray(jax.jit(F.solve)(jnp.asarray(Hxu.T)))  # Huu^-1 Hux
+        sol = np.asarray(jax.jit(lambda xx, uu, b: lap.factor(xx, uu, d).solve(b))(x, u, jnp.asarray(Hxu.T)))
         top = np.linalg.inv(V) + Hxu @ sol
         return sps.bmat([[sps.csr_matrix(top), sps.csr_matrix(Hxu)], [sps.csr_matrix(Hxu.T), Huu]]).tocsr()
 
