@@ -132,14 +132,14 @@ class SDReport:
         hess = lap.hessian
         flat = np.asarray(jax.jit(lambda xx, uu: hess(xx, uu, d))(x, u))
         lay = lap.layout
-        rows, cols = np.asarray(hess.rows), np.asarray(hess.cols)
+        n_u = u.shape[0]
+        key = np.unique(np.asarray(hess.rows, np.int64) * n_u + np.asarray(hess.cols, np.int64))
+        rows, cols = key // n_u, key % n_u
         slots = lay.slots(rows, cols)
         swapped = lay.slots(cols, rows)
         slots = np.where(slots >= 0, slots, swapped)
         vals = flat[slots]
-        n_u = u.shape[0]
         Huu = sps.coo_matrix((vals, (rows, cols)), shape=(n_u, n_u)).tocsr()
-        Huu.sum_duplicates()
         if not n_x:
             return Huu
         grad_x = lambda uu: jax.grad(model.f, argnums=0)(x, uu, d)
