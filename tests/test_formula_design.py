@@ -193,12 +193,14 @@ def test_insteval_three_crossed_terms():
 
 # --------------------------------------------------------------------------- syntax
 
-def test_nested_expands_to_a_and_a_colon_b():
+def test_nested_expands_as_lme4_expandslash():
+    # glmmTMB 1.1.5 names (1|recipe/replicate)'s terms "replicate:recipe" and "recipe",
+    # in that order (tests/data/extra_cases.json, cake_nested_reml)
     df = data("cake")
     d = build("angle ~ temp + (1|recipe/replicate)", df)
-    assert [(r.group, len(r.levels)) for r in d.components["cond"].re] == [("recipe", 3), ("recipe:replicate", 45)]
+    assert [(r.group, len(r.levels)) for r in d.components["cond"].re] == [("replicate:recipe", 45), ("recipe", 3)]
     bars = parse_formula("y ~ (1|a/b/c) + (x|f*g)").bars
-    assert [b.group for b in bars] == [("a",), ("a", "b"), ("a", "b", "c"), ("f",), ("g",), ("f", "g")]
+    assert [b.group for b in bars] == [("c", "b", "a"), ("b", "a"), ("a",), ("f",), ("g",), ("f", "g")]
     assert all(b.structure == "us" for b in bars)
 
 

@@ -479,6 +479,7 @@ class _GroupParser:
 
     def __init__(self, p: _Parser, a: int, b: int):
         self.p, self.i, self.b = p, a, b
+        self.nested = False
 
     def parse(self) -> list[tuple[str, ...]]:
         terms = self.sum()
@@ -486,6 +487,9 @@ class _GroupParser:
             raise self.p.error(self.p.pos_of(self.i), "unexpected text in the grouping factor "
                                "(allowed: names joined by ':', '/', '*', '+').")
         unique = list(dict.fromkeys(terms))
+        if self.nested:
+            # lme4's expandSlash (and glmmTMB's): a/b -> b:a, a (innermost first)
+            return unique
         return sorted(unique, key=len)
 
     def peek(self, *ops: str) -> bool:
@@ -507,8 +511,10 @@ class _GroupParser:
             if op == "*":
                 terms = terms + right + [_join(x, y) for x in terms for y in right]
             else:
-                allv = tuple(dict.fromkeys(v for t in terms for v in t))
-                terms = terms + [_join(allv, y) for y in right]
+                # a/b is (1|b:a) + (1|a), named and ordered as lme4's expandSlash
+                self.nested = True
+                inner = max(terms, key=len)
+                terms = [_join(y, inner) for y in right] + terms
         return terms
 
     def interaction(self):
