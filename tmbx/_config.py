@@ -8,7 +8,22 @@ compile time again for a model structure it has already seen.
 
 import os
 
-import jax
+
+def _xla_flags() -> None:
+    """XLA:CPU's concurrency-optimized scheduler can run several batched LAPACK
+    calls (the arrow layout's head-block solves) at once; each splits its batch
+    onto the same intra-op thread pool and waits, and once every pool thread
+    waits the process deadlocks (jaxlib 0.10; benchmarks/repro_lapack_deadlock.py).
+    Turning that scheduler off avoids it. Must run before JAX creates its backend."""
+    flag = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+
+
+_xla_flags()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
