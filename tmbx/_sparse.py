@@ -41,11 +41,15 @@ from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
 
 
 def _chol(a):
+    if a.shape[-1] == 1:  # 1 x 1 blocks (one random intercept per level): no LAPACK call
+        return jnp.sqrt(a)
     # symmetrize_input keeps the factor well defined under rounding
     return jnp.linalg.cholesky(a, symmetrize_input=True)
 
 
 def _tri_solve(L, b, trans=False):
+    if L.shape[-1] == 1:
+        return b / L[..., :1, :1] if b.ndim == L.ndim else b / L[..., 0, :1]
     return jsl.solve_triangular(L, b, lower=True, trans=1 if trans else 0)
 
 
