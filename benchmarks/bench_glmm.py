@@ -1,0 +1,608 @@
+"""Benchmark: tmbx.glmm (the formula front end) side by side with its peers.
+
+    python benchmarks/bench_glmm.py                      # every case (about 40 min on 2 cores)
+    python benchmarks/bench_glmm.py --quick              # the small reference cases only
+    python benchmarks/bench_glmm.py --cases insteval_crossed,ladder_crossed_1e5
+    python benchmarks/bench_glmm.py --tools tmbx_cold,tmbx_warm --cases salamanders_zip
+    python benchmarks/bench_glmm.py --table              # print the table of the saved results
+    python benchmarks/bench_glmm.py --profile --cases insteval_crossed   # + compile/run split
+
+Cases: every reference case in ``tests/data/cases`` (glmmTMB 1.1.5 fits of real
+data; ``insteval_crossed`` is the large one, 73,421 rows, 2,972 x 1,128 x 14
+crossed levels), and the 1e5-row scale ladder of
+``/work/shared/reference/scale/make_scale_data.py`` (written to
+``benchmarks/data/glmm_ladder_*.csv`` on first use, git-ignored):
+
+- ``ladder_single_1e5``: Poisson ``y ~ x + (1 + x|g)``, 1,000 groups;
+- ``ladder_crossed_1e5``: Gaussian (ML) ``y ~ x + (1|a) + (1|b)``, 14,285 x 948 levels;
+- ``ladder_crossbin_1e5``: the same design, Bernoulli response (logit).
+
+Every measurement runs in a FRESH subprocess, one at a time:
+
+- ``tmbx_cold``: ``TMBX_NO_CACHE=1`` (JAX's persistent compilation cache off):
+  ``import tmbx`` time, the first ``tmbx.glmm(...)`` call (formula, design,
+  template, XLA compilation and the fit), split into design / template / fit
+  phases, then the repeated fit ``fit.model.fit()`` in the same process (the
+  compiled program: median of a few calls);
+- ``tmbx_warm``: the same with the default cache (``~/.cache/tmbx``), after one
+  priming process has filled it for this case;
+- ``glmmTMB`` and ``lme4`` through ``benchmarks/r_glmm_fit.R`` (only the fit call
+  is timed; small cases: one warm-up fit, then the median of a few);
+- ``glmm`` and ``mixedlm`` (PyPI) where they fit the model (no zero-inflation,
+  dispersion models, structured covariances or negative binomials): first fit
+  and the median of repeated fits in the same process.
+
+Each tool's log-likelihood is compared with tmbx's (agreement: |diff| < 1e-3).
+Ratios are peer time / tmbx time. Results are merged, case by case, into
+``benchmarks/results/glmm.json``; run subsets one after another and the file
+accumulates. The machine's 1-minute load average is recorded with each case:
+on a shared machine, compare tools measured side by side only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CASES_DIR = os.path.join(ROOT, "tests", "data", "cases")
+DATA_DIR = os.path.join(ROOT, "tmbx", "data")
+BENCH_DATA = os.path.join(HERE, "data")
+RESULTS = os.path.join(HERE, "results", "glmm.json")
+R_SCRIPT = os.path.join(HERE, "r_glmm_fit.R")
+SCALE_GEN = "/work/shared/reference/scale/make_scale_data.py"
+PEERS_JSON = "/work/shared/reference/scale/peers.json"
+MARK = "@@RESULT@@"
+TOL = 1e-3
+TOOLS = ["tmbx_cold", "tmbx_warm", "glmmTMB", "lme4", "glmm", "mixedlm"]
+PEERS = ["glmmTMB", "lme4", "glmm", "mixedlm"]
+
+# ----------------------------------------------------------------------------- cases
+LADDER = {
+    "ladder_single_1e5": dict(kind="single", formula="y ~ x + (1 + x|g)", family="poisson", factors=["g"]),
+    "ladder_crossed_1e5": dict(kind="crossed", formula="y ~ x + (1|a) + (1|b)", family="gaussian",
+                               factors=["a", "b"]),
+    "ladder_crossbin_1e5": dict(kind="crossbin", formula="y ~ x + (1|a) + (1|b)", family="binomial",
+                                factors=["a", "b"]),
+}
+LARGE = {"insteval_crossed", *LADDER}
+
+# Peers' spellings of a model where theirs differs from glmmTMB's (same model, same
+# likelihood): None = the peer cannot fit it. `derive`: columns computed first
+# (pandas eval); `weights`: a column of prior weights.
+PEER_SPELLING = {
+    "cbpp_binomial": {
+        # glmm's cbind() takes two column names; mixedlm has no cbind(): proportions + weights
+        "glmm": dict(formula="cbind(incidence, nfail) ~ period + (1|herd)", derive={"nfail": "size - incidence"}),
+        "mixedlm": dict(formula="prop ~ period + (1|herd)", derive={"prop": "incidence / size"}, weights="size"),
+    },
+    "sleepstudy_diag": {
+        # glmmTMB's diag(Days|Subject) is lme4's (Days||Subject); glmm has neither
+        "lme4": dict(formula="Reaction ~ Days + (Days||Subject)"),
+        "mixedlm": dict(formula="Reaction ~ Days + (Days||Subject)"),
+        "glmm": None,
+    },
+}
+R_SETUP = {"topo_exp": "data$pos <- numFactor(data$x, data$y)"}
+LME4_FAMILIES = {"gaussian", "binomial", "poisson", "Gamma(link='log')"}
+STRUCTURES = re.compile(r"\b(diag|cs|rr|ar1|exp|ou|gau|mat|toep|us|homdiag|homcs|propto|pos)\(")
+
+
+def ladder_csv(kind: str) -> str:
+    path = os.path.join(BENCH_DATA, f"glmm_ladder_{kind}_1e5.csv")
+    if not os.path.exists(path):
+        os.makedirs(BENCH_DATA, exist_ok=True)
+        subprocess.run([sys.executable, SCALE_GEN, kind, "1e5", path], check=True)
+    return path
+
+
+def load_cases() -> dict:
+    cases = {}
+    for p in sorted(glob.glob(os.path.join(CASES_DIR, "*.json"))):
+        c = json.load(open(p))
+        g = c["glmmTMB"]
+        cases[c["id"]] = dict(
+            id=c["id"], source="reference", dataset=c["dataset"],
+            csv=os.path.join(DATA_DIR, os.path.basename(c["data_file"])),
+            levels=os.path.join(DATA_DIR, os.path.basename(c["levels_file"])), factors=[],
+            python_formula=c["python_formula"], r_formula=c["r_formula"], family=c["family"],
+            ziformula=c["ziformula"], dispformula=c["dispformula"], REML=bool(c["REML"]),
+            nobs=g["nobs"], ref_loglik=g["logLik"], ref_glmmTMB_seconds=g.get("fit_seconds"),
+            ref_lme4_seconds=(c.get("lme4") or {}).get("fit_seconds"),
+        )
+    peers = json.load(open(PEERS_JSON)) if os.path.exists(PEERS_JSON) else {"fits": []}
+    for cid, spec in LADDER.items():
+        ref = next((f for f in peers["fits"] if f["case"] == spec["kind"] and f["N"] == "1e5"), {})
+        cases[cid] = dict(
+            id=cid, source="ladder", kind=spec["kind"], csv=None, levels=None, factors=spec["factors"],
+            python_formula=spec["formula"], r_formula=spec["formula"], family=spec["family"],
+            ziformula=None, dispformula=None, REML=False, nobs=100_000,
+            ref_loglik=ref.get("logLik"), ref_peer_seconds=ref.get("seconds"),
+        )
+    if "insteval" in peers:
+        cases["insteval_crossed"]["ref_peer_seconds"] = peers["insteval"]["seconds"]
+    return cases
+
+
+def peer_model(case: dict, tool: str):
+    """(formula, derive, weights) for a peer, or None where it cannot fit the model."""
+    if tool == "glmmTMB":
+        return dict(formula=case["r_formula"], derive={}, weights=None)
+    over = PEER_SPELLING.get(case["id"], {})
+    if tool in over:
+        o = over[tool]
+        return None if o is None else dict(formula=o["formula"], derive=o.get("derive", {}), weights=o.get("weights"))
+    if case["ziformula"] or case["dispformula"] or case["family"] not in LME4_FAMILIES:
+        return None
+    if STRUCTURES.search(case["r_formula"]):
+        return None
+    return dict(formula=case["r_formula"], derive={}, weights=None)
+
+
+# ----------------------------------------------------------------------------- workers
+def _read_frame(case: dict):
+    """pandas frame with factors as ordered categoricals (as tmbx.load_dataset does)."""
+    import pandas as pd
+
+    if case["source"] == "ladder":
+        df = pd.read_csv(ladder_csv(case["kind"]))
+        for col in case["factors"]:
+            df[col] = pd.Categorical(df[col].astype(str), categories=[str(v) for v in sorted(df[col].unique())])
+        return df
+    levels = json.load(open(case["levels"]))
+    df = pd.read_csv(case["csv"], dtype={c: str for c in levels})
+    for col, lv in levels.items():
+        if col in df.columns:
+            df[col] = pd.Categorical(df[col], categories=[str(v) for v in lv])
+    return df
+
+
+def _emit(res: dict):
+    print(MARK, json.dumps(res, default=float), flush=True)
+
+
+def _timed(store: dict, name: str, obj, attr: str):
+    """Wrap obj.attr so that its wall time accumulates in store[name]."""
+    fn = getattr(obj, attr)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            store[name] = store.get(name, 0.0) + time.perf_counter() - t
+
+    setattr(obj, attr, wrapper)
+
+
+def worker_tmbx(case: dict, repeats: int, profile: bool):
+    import warnings
+
+    t0 = time.perf_counter()
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
+    t_np = time.perf_counter() - t0
+    t = time.perf_counter()
+    import tmbx
+
+    t_import = time.perf_counter() - t
+    import jax
+
+    if case["source"] == "reference":
+        df = tmbx.load_dataset(case["dataset"])
+    else:
+        df = _read_frame(case)
+
+    # phases of the first call, timed by wrapping the internals it calls (nothing else changes)
+    import tmbx.formula._api as api
+    from tmbx import _model, _hessian
+
+    phases = {}
+    _timed(phases, "design", api, "build_design")
+    _timed(phases, "template", api, "build_template")
+    _timed(phases, "template.check_template", _model.Model, "_check_template")
+    _timed(phases, "template.latent_hessian_setup", _hessian.LatentGaussianHessian, "__init__")
+    _timed(phases, "template.colored_hessian_setup", _hessian.ColoredHessian, "__init__")
+    _timed(phases, "fit", _model.Model, "fit")
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = time.perf_counter()
+        fit = tmbx.glmm(case["python_formula"], data=df, family=case["family"], ziformula=case["ziformula"],
+                        dispformula=case["dispformula"], reml=case["REML"])
+        t_first = time.perf_counter() - t
+    phases["glmmfit_wrap"] = t_first - sum(phases.get(k, 0.0) for k in ("design", "template", "fit"))
+    res = dict(ok=True, tool="tmbx", version=tmbx.__version__, jax=jax.__version__,
+               cache=not os.environ.get("TMBX_NO_CACHE"), import_seconds=t_import,
+               numpy_pandas_import_seconds=t_np, first_seconds=t_first, phases=dict(phases),
+               loglik=float(fit.loglik), converged=bool(fit.converged), message=fit.message,
+               iterations=int(fit._fit.iterations), n_u=int(fit.model.space.n_u),
+               n_x=int(fit.model.par.size), layout=_layout(fit.model),
+               warnings=sorted({str(x.message)[:200] for x in w}))
+    times, lls = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f2 = fit.model.fit()
+            times.append(time.perf_counter() - t)
+            lls.append(float(f2.loglik))
+    if times:
+        res.update(seconds=statistics.median(times), seconds_all=times, repeat_loglik=lls[-1])
+    if profile:
+        res["profile"] = _profile_fit(fit.model)
+    _emit(res)
+
+
+def _layout(model):
+    lay = getattr(getattr(model, "laplace", None), "layout", None)
+    return getattr(lay, "kind", None)
+
+
+def _profile_fit(model) -> dict:
+    """Trace+lower vs XLA compile vs run of the compiled fit, and one objective+gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    x0, u0 = model._starts(None)
+    out = {}
+    # a new function object: jax's in-memory caches (keyed on the function) miss, so
+    # this traces and compiles afresh (the persistent cache is off in tmbx_cold)
+    fresh = jax.jit(lambda x, u, d: model._fit_impl(x, u, d))
+    t = time.perf_counter()
+    lowered = fresh.lower(x0, u0, model.data)
+    out["fit_trace_lower_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    out["fit_compile_seconds"] = time.perf_counter() - t
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        r = jax.block_until_ready(compiled(x0, u0, model.data))
+        runs.append(time.perf_counter() - t)
+    out["fit_run_seconds"] = statistics.median(runs)
+    out["outer_iterations"] = int(r["iterations"])
+    x = jnp.asarray(r["x"])
+    u = jnp.asarray(r["u"])
+    t = time.perf_counter()
+    vg = jax.jit(lambda x, u, d: model._vg(x, u, d)).lower(x, u, model.data).compile()
+    out["value_grad_lower_compile_seconds"] = time.perf_counter() - t
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(vg(x, u, model.data))
+        runs.append(time.perf_counter() - t)
+    out["value_grad_run_seconds"] = statistics.median(runs)
+    try:
+        out["hlo_ops_fit"] = lowered.as_text().count("\n")
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def worker_glmm(case: dict, repeats: int):
+    import warnings
+
+    import glmm
+
+    pm = peer_model(case, "glmm")
+    df = _prep(case, pm)
+    fam = case["family"]
+    kw = {}
+    if fam == "Gamma(link='log')":
+        kw = dict(family="gamma", link="log")
+    else:
+        kw = dict(family=fam)
+    if fam == "gaussian":
+        kw["reml"] = case["REML"]
+    if pm["weights"]:
+        kw["weights"] = df[pm["weights"]].to_numpy(float)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = time.perf_counter()
+        f = glmm.fit(df, pm["formula"], **kw)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f = glmm.fit(df, pm["formula"], **kw)
+            times.append(time.perf_counter() - t)
+    _emit(dict(ok=True, tool="glmm", version=glmm_version(), formula=pm["formula"], first_seconds=first,
+               seconds=statistics.median(times) if times else first, seconds_all=times,
+               loglik=float(f.loglik), converged=bool(f.converged),
+               warnings=sorted({str(x.message)[:200] for x in w})))
+
+
+def glmm_version():
+    from importlib.metadata import version
+
+    return version("glmm")
+
+
+def worker_mixedlm(case: dict, repeats: int):
+    import warnings
+
+    import mixedlm
+    from mixedlm import families as F
+
+    pm = peer_model(case, "mixedlm")
+    df = _prep(case, pm)
+    fam = case["family"]
+    kw = {}
+    if pm["weights"]:
+        kw["weights"] = df[pm["weights"]].to_numpy(float)
+    if fam == "gaussian":
+        call = lambda: mixedlm.lmer(pm["formula"], df, REML=case["REML"], **kw)  # noqa: E731
+    else:
+        family = {"binomial": F.Binomial, "poisson": F.Poisson}.get(fam)
+        family = family() if family else F.Gamma(link=F.LogLink())
+        call = lambda: mixedlm.glmer(pm["formula"], df, family=family, **kw)  # noqa: E731
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = time.perf_counter()
+        r = call()
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            r = call()
+            times.append(time.perf_counter() - t)
+    _emit(dict(ok=True, tool="mixedlm", version=mixedlm.__version__, formula=pm["formula"], first_seconds=first,
+               seconds=statistics.median(times) if times else first, seconds_all=times,
+               loglik=float(r.logLik().value), converged=bool(getattr(r, "converged", True)),
+               warnings=sorted({str(x.message)[:200] for x in w})))
+
+
+def _prep(case, pm):
+    df = _read_frame(case)
+    for col, expr in pm["derive"].items():
+        df[col] = df.eval(expr)
+    return df
+
+
+# ----------------------------------------------------------------------------- driver
+def _run(cmd, env=None, timeout=600) -> dict:
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(ok=False, error=f"timed out after {timeout} s")
+    wall = time.perf_counter() - t
+    for line in p.stdout.splitlines():
+        if line.startswith(MARK):
+            res = json.loads(line[len(MARK):])
+            res["process_seconds"] = wall
+            return res
+    tail = (p.stderr or p.stdout).strip().splitlines()[-6:]
+    return dict(ok=False, error=f"exit {p.returncode}: " + " | ".join(tail)[-800:], process_seconds=wall)
+
+
+def _worker_cmd(tool, case_id, repeats, profile=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, "--cases", case_id, "--repeats", str(repeats)]
+    return cmd + (["--profile"] if profile else [])
+
+
+def run_case(case: dict, tools, timeout: int, profile: bool) -> dict:
+    large = case["id"] in LARGE
+    out = {}
+    if case["source"] == "ladder":
+        ladder_csv(case["kind"])
+    env0 = dict(os.environ)
+    env0.pop("TMBX_NO_CACHE", None)
+    for tool in tools:
+        t = time.strftime("%H:%M:%S")
+        print(f"  [{t}] {case['id']}: {tool} ...", end="", flush=True)
+        if tool in ("tmbx_cold", "tmbx_warm"):
+            reps = 3 if large else 5
+            env = dict(env0)
+            if tool == "tmbx_cold":
+                env["TMBX_NO_CACHE"] = "1"
+                res = _run(_worker_cmd("tmbx", case["id"], reps, profile), env, timeout)
+            else:
+                prime = _run(_worker_cmd("tmbx", case["id"], 0), env, timeout)  # fills the cache
+                res = _run(_worker_cmd("tmbx", case["id"], reps), env, timeout)
+                res["prime_first_seconds"] = prime.get("first_seconds")
+        elif tool in ("glmmTMB", "lme4"):
+            pm = peer_model(case, tool)
+            if pm is None:
+                out[tool] = dict(ok=False, unsupported=True)
+                print(" n/a")
+                continue
+            spec = dict(tool=tool, csv=case["csv"] or ladder_csv(case["kind"]), levels=case["levels"],
+                        factors=case["factors"], setup=R_SETUP.get(case["id"]), formula=pm["formula"],
+                        family=case["family"], ziformula=case["ziformula"], dispformula=case["dispformula"],
+                        REML=case["REML"], warmup=0 if large else 1, repeats=1 if large else 5)
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+                json.dump(spec, fh)
+            try:
+                res = _run(["Rscript", R_SCRIPT, fh.name], timeout=timeout)
+            finally:
+                os.unlink(fh.name)
+            res["formula"] = pm["formula"]
+        else:
+            if peer_model(case, tool) is None:
+                out[tool] = dict(ok=False, unsupported=True)
+                print(" n/a")
+                continue
+            reps = 5 if not large else (2 if tool == "glmm" else 1)
+            if large and tool == "mixedlm":
+                reps = 0  # a minute per fit on the ladder: the first fit only
+            res = _run(_worker_cmd(tool, case["id"], reps), timeout=timeout)
+        out[tool] = res
+        if res.get("ok"):
+            print(f" {_fmt(res.get('seconds', res.get('first_seconds')))} s  logLik {res.get('loglik'):.4f}")
+        else:
+            print(" FAILED: " + str(res.get("error"))[:300])
+    return out
+
+
+def summarize(case: dict, res: dict) -> dict:
+    """Agreement, ratios and targets of one case."""
+    cold, warm = res.get("tmbx_cold", {}), res.get("tmbx_warm", {})
+    base = next((r for r in (cold, warm) if r.get("ok")), None)
+    s = {}
+    if base is None:
+        return s
+    ll = base["loglik"]
+    rep = statistics.median([r["seconds"] for r in (cold, warm) if r.get("ok") and "seconds" in r] or [float("nan")])
+    s["tmbx_loglik"] = ll
+    s["tmbx_repeated_seconds"] = rep
+    if case.get("ref_loglik") is not None:
+        s["tmbx_vs_reference_loglik"] = ll - case["ref_loglik"]
+    s["agree"], s["ratio_vs_repeated"], s["ratio_vs_first_warm"], s["ratio_vs_first_cold"] = {}, {}, {}, {}
+    for tool in PEERS:
+        r = res.get(tool, {})
+        if not r.get("ok"):
+            continue
+        s["agree"][tool] = abs(r["loglik"] - ll) < TOL
+        s["ratio_vs_repeated"][tool] = r["seconds"] / rep
+        if warm.get("ok"):
+            s["ratio_vs_first_warm"][tool] = r["seconds"] / warm["first_seconds"]
+        if cold.get("ok"):
+            s["ratio_vs_first_cold"][tool] = r["seconds"] / cold["first_seconds"]
+    peer_t = {t: res[t]["seconds"] for t in PEERS if res.get(t, {}).get("ok") and s["agree"].get(t)}
+    if peer_t:
+        best = min(peer_t, key=peer_t.get)
+        s["best_peer"] = best
+        s["best_peer_seconds"] = peer_t[best]
+    tg = {}
+    if case["id"] == "insteval_crossed":
+        if cold.get("ok"):
+            tg["insteval_first_fit_cold_under_4s"] = cold["first_seconds"] < 4
+        if warm.get("ok"):
+            tg["insteval_first_fit_warm_under_4s"] = warm["first_seconds"] < 4
+    elif case["source"] == "reference":
+        if case.get("ref_glmmTMB_seconds"):
+            tg["repeated_faster_than_ref_glmmTMB"] = rep < case["ref_glmmTMB_seconds"]
+        if res.get("glmmTMB", {}).get("ok"):
+            tg["repeated_faster_than_glmmTMB_now"] = rep < res["glmmTMB"]["seconds"]
+        if cold.get("ok"):
+            tg["first_fit_cold_under_3s"] = cold["first_seconds"] < 3
+        if warm.get("ok"):
+            tg["first_fit_warm_under_3s"] = warm["first_seconds"] < 3
+    if case["source"] == "ladder" and peer_t:
+        for nm, r in (("first_cold", cold), ("first_warm", warm)):
+            if r.get("ok"):
+                tg[f"5x_best_peer_{nm}"] = s["best_peer_seconds"] / r["first_seconds"] >= 5
+        tg["5x_best_peer_repeated"] = s["best_peer_seconds"] / rep >= 5
+    s["targets"] = tg
+    return s
+
+
+def _fmt(x, nd=2):
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x < 0.1 and nd >= 2:
+        return f"{x:.3f}"
+    return f"{x:.{nd}f}"
+
+
+def print_table(results: dict, cases: dict):
+    ids = [c for c in cases if c in results]
+    print("\n== tmbx (seconds; fresh process per column; 'repeated' = fit.model.fit() again, median)")
+    hdr = f"{'case':24s} {'nobs':>7s} {'import':>6s} {'1st cold':>8s} {'1st warm':>8s} {'repeated':>8s} " \
+          f"{'design':>6s} {'templ':>6s} {'fit':>6s} {'glmmTMB ref':>11s} {'logLik - ref':>12s}"
+    print(hdr)
+    for cid in ids:
+        r, c = results[cid], cases[cid]
+        cold, warm, s = r["tools"].get("tmbx_cold", {}), r["tools"].get("tmbx_warm", {}), r.get("summary", {})
+        ph = cold.get("phases", {})
+        d = s.get("tmbx_vs_reference_loglik")
+        print(f"{cid:24s} {c['nobs']:>7d} {_fmt(cold.get('import_seconds')):>6s} "
+              f"{_fmt(cold.get('first_seconds')):>8s} {_fmt(warm.get('first_seconds')):>8s} "
+              f"{_fmt(s.get('tmbx_repeated_seconds'), 3):>8s} {_fmt(ph.get('design')):>6s} "
+              f"{_fmt(ph.get('template')):>6s} {_fmt(ph.get('fit')):>6s} "
+              f"{_fmt(c.get('ref_glmmTMB_seconds'), 3):>11s} {('%.1e' % d) if d is not None else '-':>12s}")
+    print("\n== peers: fit seconds (measured now), ratio = peer / tmbx repeated fit, "
+          "[ratio vs tmbx first fit, warm cache]; logLik agreement with tmbx (|diff| < 1e-3)")
+    print(f"{'case':24s} " + " ".join(f"{t:>26s}" for t in PEERS))
+    for cid in ids:
+        r, s = results[cid], results[cid].get("summary", {})
+        cells = []
+        for t in PEERS:
+            x = r["tools"].get(t, {})
+            if x.get("unsupported"):
+                cells.append("n/a")
+            elif not x.get("ok"):
+                cells.append("FAILED" if x else "-")
+            else:
+                agree = "ok" if s.get("agree", {}).get(t) else "DIFF"
+                cells.append(f"{_fmt(x['seconds'])} x{_fmt(s['ratio_vs_repeated'].get(t), 1)} "
+                             f"[x{_fmt(s['ratio_vs_first_warm'].get(t), 2)}] {agree}")
+        print(f"{cid:24s} " + " ".join(f"{c:>26s}" for c in cells))
+    print("\n== targets")
+    for cid in ids:
+        tg = results[cid].get("summary", {}).get("targets", {})
+        if tg:
+            print(f"{cid:24s} " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in tg.items()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the small reference cases only")
+    ap.add_argument("--cases", default=None, help="comma-separated case ids")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ",".join(TOOLS))
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
+    ap.add_argument("--profile", action="store_true", help="tmbx_cold also splits trace/compile/run")
+    ap.add_argument("--table", action="store_true", help="print the table of the saved results and exit")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cases = load_cases()
+
+    if args.worker:
+        case = cases[args.cases]
+        {"tmbx": lambda: worker_tmbx(case, args.repeats, args.profile),
+         "glmm": lambda: worker_glmm(case, args.repeats),
+         "mixedlm": lambda: worker_mixedlm(case, args.repeats)}[args.worker]()
+        return
+
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results.pop("_meta", None)
+    if args.table:
+        print_table(results, cases)
+        return
+    if args.cases:
+        ids = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in ids if c not in cases]
+        if unknown:
+            sys.exit(f"unknown cases {unknown}; known: {', '.join(cases)}")
+    else:
+        ids = [c for c in cases if not (args.quick and c in LARGE)]
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for cid in ids:
+        case = cases[cid]
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        res = run_case(case, tools, args.timeout, args.profile)
+        prev = results.get(cid, {}).get("tools", {})
+        prev.update(res)  # a run of some tools keeps the others' earlier results
+        results[cid] = dict(case={k: v for k, v in case.items() if k not in ("csv", "levels")},
+                            tools=prev, loadavg_1min_at_start=load, measured=time.strftime("%Y-%m-%d %H:%M"),
+                            bench_seconds=time.perf_counter() - t)
+        results[cid]["summary"] = summarize(case, prev)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        meta = dict(machine=f"{os.cpu_count()} cores", python=sys.version.split()[0],
+                    note="fresh process per tool and measurement; peers timed side by side; ratios peer/tmbx")
+        with open(args.out, "w") as fh:
+            json.dump({"_meta": meta, **results}, fh, indent=1, default=float)
+    print_table(results, cases)
+
+
+if __name__ == "__main__":
+    main()
