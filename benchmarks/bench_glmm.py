@@ -184,6 +184,43 @@ def _timed(store: dict, name: str, obj, attr: str):
     setattr(obj, attr, wrapper)
 
 
+def use_working_tree():
+    """Import tmbx (and tmbx.families, tmbx.covstructs) from this checkout.
+
+    The interpreter may have tmbx installed in editable mode from another copy
+    of the repository (a CI worktree, say); its finder maps ``tmbx.families``
+    and ``tmbx.covstructs`` there. This puts the checkout holding this file
+    first, so the benchmark measures the code next to it.
+    """
+    import importlib.abc
+    import importlib.util
+
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    alias = {"tmbx.families": "families", "tmbx.covstructs": "covstructs"}
+
+    class _CheckoutFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            top = next((k for k in alias if name == k or name.startswith(k + ".")), None)
+            if top is None:
+                return None
+            base = os.path.join(ROOT, alias[top], *name[len(top) + 1:].split(".")) if name != top \
+                else os.path.join(ROOT, alias[top])
+            if os.path.isdir(base):
+                return importlib.util.spec_from_file_location(
+                    name, os.path.join(base, "__init__.py"), submodule_search_locations=[base])
+            if os.path.exists(base + ".py"):
+                return importlib.util.spec_from_file_location(name, base + ".py")
+            return None
+
+    sys.meta_path.insert(0, _CheckoutFinder())
+
+
+def _tmbx_paths():
+    return {m: os.path.dirname(sys.modules[m].__file__) for m in ("tmbx", "tmbx.families", "tmbx.covstructs")
+            if getattr(sys.modules.get(m), "__file__", None)}
+
+
 def worker_tmbx(case: dict, repeats: int, profile: bool):
     import warnings
 
@@ -192,6 +229,7 @@ def worker_tmbx(case: dict, repeats: int, profile: bool):
     import pandas as pd  # noqa: F401
 
     t_np = time.perf_counter() - t0
+    use_working_tree()
     t = time.perf_counter()
     import tmbx
 
@@ -223,7 +261,7 @@ def worker_tmbx(case: dict, repeats: int, profile: bool):
         t_first = time.perf_counter() - t
     phases["glmmfit_wrap"] = t_first - sum(phases.get(k, 0.0) for k in ("design", "template", "fit"))
     res = dict(ok=True, tool="tmbx", version=tmbx.__version__, jax=jax.__version__,
-               cache=not os.environ.get("TMBX_NO_CACHE"), import_seconds=t_import,
+               cache=not os.environ.get("TMBX_NO_CACHE"), import_seconds=t_import, paths=_tmbx_paths(),
                numpy_pandas_import_seconds=t_np, first_seconds=t_first, phases=dict(phases),
                loglik=float(fit.loglik), converged=bool(fit.converged), message=fit.message,
                iterations=int(fit._fit.iterations), n_u=int(fit.model.space.n_u),
@@ -551,6 +589,17 @@ def print_table(results: dict, cases: dict):
             print(f"{cid:24s} " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in tg.items()))
 
 
+def _git_state() -> str:
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "tmbx", "families", "covstructs"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head + (" + uncommitted changes in tmbx/families/covstructs" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small reference cases only")
@@ -597,7 +646,7 @@ def main():
                             bench_seconds=time.perf_counter() - t)
         results[cid]["summary"] = summarize(case, prev)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        meta = dict(machine=f"{os.cpu_count()} cores", python=sys.version.split()[0],
+        meta = dict(machine=f"{os.cpu_count()} cores", python=sys.version.split()[0], checkout=_git_state(),
                     note="fresh process per tool and measurement; peers timed side by side; ratios peer/tmbx")
         with open(args.out, "w") as fh:
             json.dump({"_meta": meta, **results}, fh, indent=1, default=float)

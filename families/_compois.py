@@ -15,7 +15,7 @@ from ._series import accumulate, monomials, per_obs, step_and_min, taylor_polyno
 # Series in the natural parameters theta = (a, nu), a = log(lambda):
 # term_j = exp(a j - nu lgamma(j + 1)), written relative to the centre c = floor(m),
 # m = lambda^(1/nu) (the mode), j = c + d; data = (step, d_min, c).
-_ORDER = 4  # derivatives of log Z exact to order 4 -> log_prob exact to order 3
+_ORDER = 5  # derivatives of log Z exact to order 5 -> log_prob exact to order 4
 _EXPS = monomials(2, _ORDER)
 _D1, _D2 = _EXPS.index((1, 0)), _EXPS.index((2, 0))
 def _log_term(d, theta, data):
@@ -100,8 +100,8 @@ def _solve(log_mean, nu):
 def _expansion(log_mean, nu):
     """``(a, c, poly)``: ``lambda = exp(a)`` solves ``E[Y] = exp(log_mean)``; ``poly`` is
     the Taylor polynomial of ``log S`` in ``(a, nu)``. Derivatives in
-    ``(log_mean, nu)`` come from three Newton steps on the polynomial (exact to
-    order 3)."""
+    ``(log_mean, nu)`` come from three Newton steps on the polynomial, started
+    within 1e-9 of the root (exact to order 4, with the order-5 polynomial)."""
     lm0, nu0 = jax.lax.stop_gradient(log_mean), jax.lax.stop_gradient(nu)
     x0, log_s0, moments = _solve(lm0, nu0)
     c = _data(x0, nu0)[2]
@@ -142,7 +142,10 @@ class ConwayMaxwellPoisson(Family):
     loop (see ``_series``), for any ``mu`` and ``nu``; TMB switches to a
     Laplace approximation when ``mode > 100`` and ``mode * nu > 200`` (exact
     for ``nu = 1``, close otherwise). ``lambda`` is found by Newton's method;
-    derivatives (to order 4) come from a Taylor expansion of ``log Z``.
+    derivatives in ``eta`` and ``disp`` (exact to order 4: the Laplace
+    approximation's third derivatives and one more for Hessians of its
+    gradient) come from a fifth-order Taylor expansion of ``log Z`` (see
+    ``_series``); higher orders are those of the truncated polynomial.
 
     glmmTMB: ``compois(link = "log")``.
     """

@@ -1,4 +1,4 @@
-"""Infinite positive series, summed to full precision and differentiable to any order.
+"""Infinite positive series, summed to full precision, with exact low-order derivatives.
 
 The COM-Poisson normalizing constant, the Tweedie series ``W(y, phi, p)`` and
 the Bell numbers are sums ``S(theta) = sum_j exp(g(j; theta))`` whose number of
@@ -13,9 +13,9 @@ time), so derivatives come from one loop evaluated without gradient at
 ``theta0`` that also averages the Taylor coefficients of every term: the
 returned function of ``theta`` is the log of the Taylor polynomial of
 ``S(theta) / S(theta0)``, exact in value and in all derivatives up to the
-requested order (``taylor_log_sum``). Reverse mode, forward mode and any
-nesting (Hessians, the third derivatives of the Laplace approximation) then
-differentiate a polynomial, never a loop.
+requested order (``taylor_log_sum``; Tweedie uses order 3, COM-Poisson 5, enough for
+the third derivatives of the Laplace approximation). Reverse mode, forward
+mode and any nesting then differentiate a polynomial, never a loop.
 
 Conventions: everything here is per observation (scalars; callers ``vmap``).
 ``g`` is given *relative to a centre* ``c`` as ``log_term(d, theta, data)`` with
