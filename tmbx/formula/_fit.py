@@ -182,11 +182,11 @@ class GlmmFit:
             sd = pd.Series(np.asarray(rep["sd"], float).reshape(-1), index=t.terms)
             corr = pd.DataFrame(np.asarray(rep["corr"], float).reshape(t.k, t.k), index=t.terms, columns=t.terms)
             extra = {k: v for k, v in rep.items() if k not in ("sd", "corr")}
-            key = t.group if t.component == "cond" else f"zi~{t.group}" if False else t.group
+            term = VarCorrTerm(sd, corr, t.struct.name, extra)
             if t.component == "zi":
-                out.setdefault("zi", {})[key] = VarCorrTerm(sd, corr, t.struct.name, extra)
+                out.setdefault("zi", {})[t.group] = term
             else:
-                out[key] = VarCorrTerm(sd, corr, t.struct.name, extra)
+                out[t.group] = term
         return out
 
     @property

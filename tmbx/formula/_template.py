@@ -64,10 +64,7 @@ def resolve_family(family, has_zi: bool):
 def _struct(term):
     args = dict(term.args)
     k = len(term.terms)
-    name = term.structure
-    if name == "us" and k == 1:
-        name = "us"
-    return covstructs.get(name, dim=k, **args)
+    return covstructs.get(term.structure, dim=k, **args)
 
 
 def _terms(design, component, b_start, th_start):
