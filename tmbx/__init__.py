@@ -15,9 +15,11 @@ from ._optim import BFGSOptions
 from ._sdreport import SDReport
 from . import families, covstructs  # noqa: E402  (plug-in libraries)
 from .formula import GlmmFit, anova, glmm
+from .inference import kr_test, pb_test
+from .batch import glmm_batch, power
 
 __all__ = [
     "BFGSOptions", "BatchFit", "GlmmFit", "anova", "covstructs", "families", "glmm", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
-    "list_datasets", "load_dataset",
+    "list_datasets", "load_dataset", "glmm_batch", "kr_test", "pb_test", "power",
 ]
 __version__ = "0.1.0"

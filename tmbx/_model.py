@@ -98,11 +98,6 @@ class Model:
         self.report_fn = report
         self.simulate_fn = simulate
         self.options = outer
-        if nagq != 1 or groups is not None:
-            raise NotImplementedError(
-                "adaptive Gauss-Hermite quadrature (nagq > 1) is not available yet; use the "
-                "Laplace approximation (nagq=1)"
-            )
         space = self.space
         self.f = lambda x, u, d: nll(space.unflatten(x, u), d)
         x0 = jnp.asarray(space.start("x"))
@@ -122,6 +117,12 @@ class Model:
             self.laplace = Laplace(self.f, hess, space.n_u, inner, quadratic=quadratic)
         else:
             self.laplace = None
+        self.agq = None
+        if nagq != 1 or groups is not None:
+            # adaptive Gauss-Hermite quadrature over conditionally independent blocks
+            from ._agq import AGQ
+
+            self.agq = AGQ(self, nagq, groups)
         self._u_last = u0
         self._compile()
 
@@ -145,6 +146,8 @@ class Model:
             )
 
     def _objective(self, x, u0, d):
+        if self.agq is not None:
+            return self.agq.objective(x, u0, d)
         if self.laplace is None:
             return self.f(x, u0, d), (u0, jnp.asarray(INNER_OK))
         return self.laplace.objective(x, u0, d)
@@ -333,6 +336,15 @@ class Fit:
 
         return SDReport(self, joint_precision=joint_precision)
 
+    def sample(self, num_samples: int = 1000, num_chains: int = 4, seed: int = 0, laplace: bool = False,
+               **kwargs):
+        """NUTS on the template's posterior (latent effects too, or with ``laplace=True``
+        on the fixed parameters of the Laplace marginal, tmbstan's option)."""
+        from ._sampling import sample_template
+
+        return sample_template(self, num_samples=num_samples, num_chains=num_chains, seed=seed,
+                               laplace=laplace, **kwargs)
+
     def simulate(self, nsim: int | None = None, seed: int = 0):
         """Simulate from the template at the estimates (fixed and random)."""
         p = dict(self.par)
@@ -365,6 +377,12 @@ class BatchFit:
     @property
     def converged(self) -> np.ndarray:
         return (self.status == 0) & np.isfinite(self.loglik)
+
+    def table(self, **kwargs):
+        """One row per member: converged, message, loglik, estimates, ses, p-values."""
+        from .batch._table import template_table
+
+        return template_table(self, **kwargs)
 
     @property
     def par(self) -> dict:

@@ -18,7 +18,8 @@ from ._template import build_template, resolve_family
 
 def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, dispformula=None,
          reml: bool = False, weights=None, offset=None, start=None, map=None, *,
-         na_action: str = "omit", layout: str | None = None, REML=None) -> GlmmFit:
+         na_action: str = "omit", layout: str | None = None, REML=None, priors=None,
+         nagq: int = 1) -> GlmmFit:
     """Fit a generalized linear mixed model with glmmTMB's syntax.
 
     >>> fit = tmbx.glmm("count ~ spp + mined + (1|site)", data=df, family="nbinom2",
@@ -30,7 +31,9 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     zero-inflation (or, with a truncated family, hurdle) model. ``dispformula``:
     fixed effects on the dispersion (glmmTMB's log scale). ``reml``: integrate
     the fixed effects out (REML). ``start``/``map``: by glmmTMB's parameter names
-    (beta, betazi, betadisp, theta, thetazi, psi).
+    (beta, betazi, betadisp, theta, thetazi, psi). ``priors``: penalties for a
+    regularized (MAP) fit, glmmTMB's priors interface. ``nagq``: adaptive
+    Gauss-Hermite quadrature points per random effect (1: Laplace).
     """
     if REML is not None:
         reml = REML
@@ -42,27 +45,17 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     design = build_design(formula, data, ziformula=ziformula, dispformula=dispformula,
                           weights=weights, offset=offset, na_action=na_action,
                           family_needs_trials=getattr(fam, "needs_trials", False))
-    template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout)
+    template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
+                              priors=priors, nagq=nagq)
     fit = template.model.fit()
-    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml)
+    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
+                weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
+                priors=priors, nagq=nagq, data=data)
     return GlmmFit(template, fit, formula, call)
 
 
-def anova(*fits: GlmmFit) -> pd.DataFrame:
+def anova(*fits: GlmmFit, **kwargs) -> pd.DataFrame:
     """Likelihood-ratio tests between nested fits (R's ``anova``), ordered by df."""
-    if len(fits) < 2:
-        raise ValueError("anova needs at least two fits to compare")
-    for f in fits[1:]:
-        if f.nobs != fits[0].nobs:
-            raise ValueError("anova: the fits use different numbers of observations; refit them on the same rows")
-    fits = sorted(fits, key=lambda f: f.df_model)
-    rows = []
-    for i, f in enumerate(fits):
-        row = {"npar": f.df_model, "AIC": f.aic, "BIC": f.bic, "logLik": f.loglik, "deviance": -2 * f.loglik}
-        if i:
-            prev = fits[i - 1]
-            chisq = 2 * (f.loglik - prev.loglik)
-            df = f.df_model - prev.df_model
-            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": sst.chi2.sf(chisq, df) if df > 0 else np.nan})
-        rows.append(row)
-    return pd.DataFrame(rows, index=[f"fit{i}" for i in range(len(fits))])
+    from ..inference._lrt import anova_lrt
+
+    return anova_lrt(*fits, **kwargs)

@@ -412,17 +412,35 @@ class GlmmFit:
         return np.asarray(jax.jit(jax.vmap(one))(keys))
 
     # ------------------------------------------------------------ inference
-    def coef_table(self, component="cond") -> pd.DataFrame:
+    def coef_table(self, component="cond", ddf=None) -> pd.DataFrame:
+        """Coefficient table: Wald z tests, or t tests with ``ddf`` ("satterthwaite",
+        "kenward-roger", "lme4"'s level counting "containment") for LMMs."""
+        if ddf is not None:
+            from ..inference._ddf import coef_table_ddf
+
+            return coef_table_ddf(self, component=component, ddf=ddf)
         est = self.fixef[component]
         se = self.se()[component]
         z = est / se
         p = 2 * sst.norm.sf(np.abs(z))
         return pd.DataFrame({"Estimate": est, "Std. Error": se, "z value": z, "Pr(>|z|)": p})
 
-    def confint(self, method="wald", level=0.95, parm=None) -> pd.DataFrame:
-        """Confidence intervals; "wald" (glmmTMB's: sds on the log scale, back-transformed)."""
+    def confint(self, method="wald", level=0.95, parm=None, **kwargs) -> pd.DataFrame:
+        """Confidence intervals: DataFrame indexed by parameter name with columns
+        estimate, lower, upper.
+
+        ``method``: "wald" (glmmTMB's: sds on the log scale, back-transformed),
+        "profile" (likelihood profile, lme4's scale; see `profile`) or "boot"
+        (parametric bootstrap percentile intervals; see `bootstrap`).
+        """
+        if not 0 < level < 1:
+            raise ValueError(f"level must be between 0 and 1, got {level}")
+        if method == "profile":
+            return self.profile(parm=parm, **kwargs).confint(level=level)
+        if method == "boot":
+            return self.bootstrap(**kwargs).confint(level=level, parm=parm)
         if method != "wald":
-            raise NotImplementedError(f"confint method {method!r} is not available yet; use 'wald'")
+            raise ValueError(f"confint method must be 'wald', 'profile' or 'boot', got {method!r}")
         zq = sst.norm.ppf(0.5 + level / 2)
         rows = []
         for comp, est in self.fixef.items():
@@ -459,6 +477,118 @@ class GlmmFit:
                 raise ValueError(f"parm names {missing} are not parameters; available: {list(df.index)}")
             df = df.loc[parm]
         return df
+
+    # ------------------------------------------------------------ inference (tmbx.inference)
+    def profile(self, parm=None, **kwargs):
+        """Likelihood profiles (lme4's ``profile``): ``.table``, ``.confint(level)``, ``.plot()``."""
+        from ..inference._profile import profile
+
+        return profile(self, parm=parm, **kwargs)
+
+    def bootstrap(self, nsim: int = 1000, fn=None, seed: int = 0, **kwargs):
+        """Parametric bootstrap (bootMer, use.u=FALSE), all refits in one batch."""
+        from ..inference._bootstrap import bootstrap
+
+        return bootstrap(self, nsim=nsim, fn=fn, seed=seed, **kwargs)
+
+    def anova(self, type=3, component="cond", ddf=None) -> pd.DataFrame:
+        """Per-term tests: Wald chi-square (car::Anova) or, with ``ddf``, F tests (lmerTest)."""
+        from ..inference._anova import anova_terms
+
+        return anova_terms(self, type=type, component=component, ddf=ddf)
+
+    def drop1(self, test="Chisq") -> pd.DataFrame:
+        """Drop each droppable term and refit: Df, AIC, LRT, Pr(>Chi) (R's drop1)."""
+        from ..inference._anova import drop1
+
+        return drop1(self, test=test)
+
+    def contrast(self, L, rhs=0, **kwargs):
+        """Linear hypotheses L beta = rhs on the fixed effects (car::linearHypothesis)."""
+        from ..inference._anova import contrast
+
+        return contrast(self, L, rhs=rhs, **kwargs)
+
+    def emmeans(self, specs, type="link", **kwargs):
+        """Estimated marginal means over a factor (emmeans)."""
+        from ..inference._emmeans import emmeans
+
+        return emmeans(self, specs, type=type, **kwargs)
+
+    def emtrends(self, specs, var, **kwargs):
+        """Estimated marginal trends of a covariate (emmeans' emtrends)."""
+        from ..inference._emmeans import emtrends
+
+        return emtrends(self, specs, var, **kwargs)
+
+    # ------------------------------------------------------------ checking (tmbx.diagnostics)
+    def is_singular(self, tol: float = 1e-4) -> bool:
+        """lme4's isSingular, on every random-effect term's relative covariance factor."""
+        from ..diagnostics._singular import is_singular
+
+        return is_singular(self, tol=tol)
+
+    def rePCA(self) -> dict:
+        """Principal components of each term's random-effect covariance (lme4::rePCA)."""
+        from ..diagnostics._singular import rePCA
+
+        return rePCA(self)
+
+    def diagnose(self, **kwargs):
+        """What may be wrong with this fit, and what to try (glmmTMB::diagnose)."""
+        from ..diagnostics._diagnose import diagnose
+
+        return diagnose(self, **kwargs)
+
+    def allfit(self, **kwargs) -> pd.DataFrame:
+        """Refit with every available optimizer and compare (lme4::allFit)."""
+        from ..diagnostics._allfit import allfit
+
+        return allfit(self, **kwargs)
+
+    def r2(self) -> dict:
+        """Nakagawa & Schielzeth R2: {"marginal", "conditional"} (performance::r2_nakagawa)."""
+        from ..diagnostics._checks import r2
+
+        return r2(self)
+
+    def check_overdispersion(self) -> dict:
+        from ..diagnostics._checks import check_overdispersion
+
+        return check_overdispersion(self)
+
+    def check_zeroinflation(self) -> dict:
+        from ..diagnostics._checks import check_zeroinflation
+
+        return check_zeroinflation(self)
+
+    def simulate_residuals(self, nsim: int = 250, seed: int = 0, **kwargs):
+        """DHARMa's scaled (quantile) residuals from simulations of the fit."""
+        from ..diagnostics._residuals import simulate_residuals
+
+        return simulate_residuals(self, nsim=nsim, seed=seed, **kwargs)
+
+    def plot(self, **kwargs):
+        """Diagnostic panel (residuals vs fitted, QQ, scale-location, random effects)."""
+        from ..diagnostics._plots import plot_fit
+
+        return plot_fit(self, **kwargs)
+
+    def plot_ranef(self, **kwargs):
+        """Caterpillar plot of the conditional modes with their intervals."""
+        from ..diagnostics._plots import plot_ranef
+
+        return plot_ranef(self, **kwargs)
+
+    # ------------------------------------------------------------ beyond Laplace
+    def sample(self, num_samples: int = 1000, num_chains: int = 4, seed: int = 0, laplace: bool = False,
+               **kwargs):
+        """NUTS on the posterior (latent effects too, or ``laplace=True``: the fixed
+        parameters of the Laplace marginal, as tmbstan's ``laplace=TRUE``)."""
+        from .._sampling import sample_glmm
+
+        return sample_glmm(self, num_samples=num_samples, num_chains=num_chains, seed=seed,
+                           laplace=laplace, **kwargs)
 
     # ------------------------------------------------------------ printing
     def summary(self) -> "Summary":

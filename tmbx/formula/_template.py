@@ -52,6 +52,8 @@ class Template:
     params: dict
     names: dict  # parameter name -> list of labels
     reml: bool
+    prior_nll: object = None  # (p) -> scalar penalty of the fit's priors, or None
+    priors: object = None  # the parsed priors (tmbx.formula._priors), for summaries and sampling
 
 
 def resolve_family(family, has_zi: bool):
@@ -114,7 +116,7 @@ def _start_beta(fam, comp, y, trials):
 
 
 def build_template(design, family, *, reml=False, start=None, map=None, layout=None,
-                   outer=None) -> Template:
+                   outer=None, priors=None, nagq=1) -> Template:
     has_zi = "zi" in design.components
     fam = resolve_family(family, has_zi)
     fam.check_support(design.y, design.trials)
@@ -193,14 +195,30 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
         ll = fam.log_prob(d["y"], eta_c, disp=dsp, psi=psi, zi=eta_z, trials=d.get("trials"))
         return -d["weights"] * ll
 
+    parsed_priors, prior_nll = None, None
+    if priors is not None:
+        # penalties enter the Laplace objective (a posterior mode, glmmTMB's priors)
+        from ._priors import build_prior_nll
+
+        parsed_priors, prior_nll = build_prior_nll(priors, params=params, names=names,
+                                                   terms=terms_c + terms_z, family=fam, random=random)
+
     def latent_nll(p, d):
         out = 0.0
         for key in ("b", "bzi"):
             if key in p:
                 out = out + 0.5 * jnp.sum(p[key] ** 2) + 0.5 * p[key].size * math.log(2 * math.pi)
+        if prior_nll is not None:
+            out = out + prior_nll(p)
         return out
 
     space = ParamSpace(params, random, map)
+    groups = None
+    if nagq != 1:
+        # adaptive Gauss-Hermite quadrature: one grouping factor's levels are the blocks
+        from ._agq_groups import agq_groups
+
+        groups = agq_groups(space, params, terms_c + terms_z, design, nagq)
     K = 2 if zi_random else 1
     jac = _jacobian_structure(space, terms_c, terms_z, data, K, reml)
     if layout is None:
@@ -208,9 +226,11 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     lg = LatentGaussian(eta=eta_fn, obs_nll=obs_nll, latent_nll=latent_nll, jacobian=jac)
     kw = {} if outer is None else {"outer": outer}
     quadratic = fam.name == "gaussian" and fam.link.name == "identity" and not has_zi
+    if groups is not None:
+        kw.update(nagq=nagq, groups=groups)
     model = Model(None, params, data=data, random=random, map=map, latent_gaussian=lg,
-                  layout=layout, quadratic=quadratic, **kw)
-    return Template(model, fam, design, terms_c + terms_z, params, names, reml)
+                  layout=layout, quadratic=quadratic and groups is None, **kw)
+    return Template(model, fam, design, terms_c + terms_z, params, names, reml, prior_nll, parsed_priors)
 
 
 def _jacobian_structure(space, terms_c, terms_z, data, K, reml):
