@@ -20,7 +20,7 @@ from jax.scipy.special import betainc
 
 from . import _discrete
 from ._base import Family, require_counts
-from ._math import lfactorial, lgamma_diff, log_sigmoid, xlogy
+from ._math import lfactorial, lgamma_ratio, log_sigmoid, xlogy
 
 
 def nbinom_log_prob(y, log_mu, log_var_minus_mu):
@@ -29,7 +29,7 @@ def nbinom_log_prob(y, log_mu, log_var_minus_mu):
     size = jnp.exp(log_mu + logit_p)
     log_p = log_sigmoid(logit_p)
     log_1mp = log_sigmoid(-logit_p)
-    return size * log_p + lgamma_diff(size, y) - lfactorial(y) + y * log_1mp
+    return size * log_p + lgamma_ratio(size, y) - lfactorial(y) + y * log_1mp
 
 
 def _nb_size_logit(log_mu, log_var_minus_mu):
