@@ -47,11 +47,19 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
                           family_needs_trials=getattr(fam, "needs_trials", False))
     template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
                               priors=priors, nagq=nagq)
-    fit = template.model.fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = template.model.fit()
     call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
                 weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
                 priors=priors, nagq=nagq, data=data)
-    return GlmmFit(template, fit, formula, call)
+    out = GlmmFit(template, fit, formula, call)
+    # lme4's "boundary (singular) fit", but naming the term, the direction and what
+    # to try; a fit that did not converge is reported with its most likely cause
+    from ..diagnostics._diagnose import warn_fit
+
+    warn_fit(out, caught)
+    return out
 
 
 def anova(*fits: GlmmFit, **kwargs) -> pd.DataFrame:

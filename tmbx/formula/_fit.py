@@ -667,6 +667,9 @@ class Summary:
             lines.append(titles[comp])
             lines.append(table.to_string(float_format=lambda v: f"{v:.6g}"))
             lines.append("")
+        if f.template.priors:
+            lines.append("Posterior mode (MAP, no Jacobian) under the priors: " + str(f.template.priors)
+                         + "; logLik, AIC and BIC include the log prior densities.")
         if not f.converged:
             lines.append(f"Warning: the fit did not converge: {f.message}")
         return "\n".join(lines)
