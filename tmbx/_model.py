@@ -122,7 +122,7 @@ class Model:
             # adaptive Gauss-Hermite quadrature over conditionally independent blocks
             from ._agq import AGQ
 
-            self.agq = AGQ(self, nagq, groups)
+            self.agq = AGQ(self, nagq, groups, latent_gaussian=latent_gaussian)
         self._u_last = u0
         self._compile()
 
@@ -331,10 +331,24 @@ class Fit:
         if not self.converged:
             warnings.warn(f"Model did not converge: {self.message}", RuntimeWarning, stacklevel=3)
 
-    def sdreport(self, joint_precision: bool = False) -> "SDReport":
+    def sdreport(self, joint_precision: bool = False, bias_correct: bool = False) -> "SDReport":
+        """TMB's ``sdreport``; ``bias_correct``: epsilon-method bias correction of the random
+        effects and reported quantities (``par_random_bc``, ``report_value_bc``)."""
         from ._sdreport import SDReport
 
-        return SDReport(self, joint_precision=joint_precision)
+        return SDReport(self, joint_precision=joint_precision, bias_correct=bias_correct)
+
+    def check_consistency(self, nsim: int = 100, seed: int = 0, estimate: bool = True):
+        """TMB's ``checkConsistency``: is the mean score zero on data simulated at the estimates?"""
+        from ._consistency import check_consistency
+
+        return check_consistency(self, nsim=nsim, seed=seed, estimate=estimate)
+
+    def one_step_predict(self, observation_name: str = "y", method: str = "fullGaussian", **kwargs):
+        """TMB's ``oneStepPredict``: one-step-ahead (OSA) residuals of the observations."""
+        from ._consistency import one_step_predict
+
+        return one_step_predict(self, observation_name=observation_name, method=method, **kwargs)
 
     def sample(self, num_samples: int = 1000, num_chains: int = 4, seed: int = 0, laplace: bool = False,
                **kwargs):

@@ -8,6 +8,10 @@
 - Derived quantities ``phi = report(p, d)`` (TMB's ``ADREPORT``):
   ``Var(phi) = D V D' + phi_u H_uu^-1 phi_u'`` with ``D`` the total derivative
   in ``x`` (through ``u*(x)``) and ``phi_u`` the partial derivative in ``u``.
+- Bias correction (``bias_correct=True``, TMB's ``sdreport(bias.correct = TRUE)``):
+  the epsilon method of Thorson & Kristensen (2016), ``E[phi(u) | y] ~= -dL_eps/d eps``
+  at ``eps = 0``, ``L_eps`` the Laplace marginal nll of ``f(x, u) - eps' phi(x, u)``
+  at the estimates ``x``; for the random effects themselves ``phi = u``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ class SDReport:
     par_random, se_random : dict name -> conditional modes and their standard errors.
     report_value, report_se, report_cov : derived quantities (``report=``).
     joint_precision : precision of (x, u) jointly, when asked for.
+    report_value_bc, par_random_bc : bias-corrected reported quantities and random
+        effects (``bias_correct=True``; TMB's "Est. (bias.correct)").
     pd_hessian : whether the Hessian of the marginal is positive definite.
     """
 
-    def __init__(self, fit, joint_precision: bool = False):
+    def __init__(self, fit, joint_precision: bool = False, bias_correct: bool = False):
         model = fit.model
         sp = model.space
         self.labels = list(sp.labels["x"])
@@ -65,6 +71,9 @@ class SDReport:
         self._random = None
         self._report = None
         self.joint_precision = self._joint_precision(*self._xud, V) if joint_precision else None
+        self.report_value_bc, self.par_random_bc = ({}, {})
+        if bias_correct:
+            self._bias_correct()
 
     # random effects and reported quantities are computed on first use: they
     # need their own compiled programs, which a user asking only for the
@@ -148,6 +157,21 @@ class SDReport:
         top = np.linalg.inv(V) + Hxu @ sol
         return sps.bmat([[sps.csr_matrix(top), sps.csr_matrix(Hxu)], [sps.csr_matrix(Hxu.T), Huu]]).tocsr()
 
+    def _bias_correct(self):
+        model, sp = self._fit.model, self._fit.model.space
+        if model.laplace is None:
+            warnings.warn("sdreport(bias_correct=True): the model has no random effects, so there is "
+                          "nothing to correct; the estimates are returned unchanged", RuntimeWarning, stacklevel=3)
+            self.report_value_bc = dict(self.report_value)
+            return
+        u_bc, rep_bc = jax.tree_util.tree_map(np.asarray, _bias_core(model)(*self._xud))
+        if not np.all(np.isfinite(u_bc)):
+            warnings.warn("sdreport(bias_correct=True): the correction is not finite; the Hessian of the "
+                          "random effects may be singular at their mode (see Fit.message)",
+                          RuntimeWarning, stacklevel=3)
+        self.par_random_bc = sp.expand(u_bc, "u")
+        self.report_value_bc = {k: np.asarray(v).reshape(np.shape(self.report_value[k])) for k, v in rep_bc.items()}
+
     def summary(self):
         """A pandas DataFrame: estimate and standard error of every reported quantity."""
         import pandas as pd
@@ -204,3 +228,51 @@ def _report_core(model):
 
         model._report_core = jax.jit(core)
     return model._report_core
+
+
+def _bias_core(model):
+    """Jitted (cached on the model): the epsilon method's ``E[u | y]`` and ``E[phi | y]``.
+
+    With ``H`` the Hessian of ``f`` in ``u`` at the mode ``u*`` and ``v_k = H^-1 grad_u phi_k``
+    (the mode's response to ``eps_k``), differentiating the Laplace marginal of
+    ``f - eps' phi`` at ``eps = 0`` gives::
+
+        E[phi_k] ~= phi_k(u*) + tr(H^-1 d2phi_k/du2) / 2 - (grad_u log det H) . v_k / 2
+
+    exact for ``phi`` quadratic in ``u`` when ``f`` is (Gaussian models). ``H^-1`` is never
+    formed: the trace is accumulated one solve per random effect.
+    """
+    if getattr(model, "_bias_core", None) is None:
+        sp, lap = model.space, model.laplace
+
+        def core(x, u, d):
+            F = lap.factor(x, u, d)
+            g_ld = jax.grad(lambda uu: lap.factor(x, uu, d).logdet())(u)
+            w = F.solve(g_ld)  # H^-1 grad log det H
+            u_bc = u - 0.5 * w
+            if model.report_fn is None:
+                return u_bc, {}
+
+            def phi(uu):
+                out = model.report_fn(sp.unflatten(x, uu), d)
+                return jnp.concatenate([jnp.ravel(jnp.asarray(out[k], jnp.float64)) for k in sorted(out)])
+
+            grad_phi = jax.jacrev(phi)
+
+            def trace_term(j):
+                # column j of H^-1, then (d2phi/du2 H^-1)[:, j, j] for every phi_k
+                c = F.solve(jnp.zeros(u.shape[0]).at[j].set(1.0))
+                return jax.jvp(grad_phi, (u,), (c,))[1][:, j]
+
+            tr = jnp.sum(jax.lax.map(trace_term, jnp.arange(u.shape[0])), axis=0)
+            flat = phi(u) + 0.5 * tr - 0.5 * grad_phi(u) @ w
+            out = model.report_fn(sp.unflatten(x, u), d)
+            vals, start = {}, 0
+            for k in sorted(out):
+                n = int(np.size(out[k]))
+                vals[k] = flat[start:start + n]
+                start += n
+            return u_bc, vals
+
+        model._bias_core = jax.jit(core)
+    return model._bias_core
