@@ -337,3 +337,25 @@ def test_layouts_factorize_like_dense_linear_algebra(kind):
     tangent = jnp.zeros_like(flat).at[sl[keep]].add(dA[r[keep], c[keep]])
     _, dlogdet = jax.jvp(lambda v: lay.factor(v).logdet(), (flat,), (tangent,))
     assert abs(float(dlogdet) - np.trace(Ainv @ dA)) < 1e-10
+
+
+def test_every_fixed_parameter_held_by_map():
+    """All fixed parameters held: the fit is one evaluation of the Laplace marginal,
+    here exact (Gaussian): the closed-form multivariate normal density."""
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(6), 4)
+    y = rng.normal(size=24) + rng.normal(size=6)[g]
+
+    def nll(p, d):
+        u, sd, s = p["u"], jnp.exp(p["logsd"]), jnp.exp(p["logs"])
+        r = d["y"] - p["mu"] - u[d["g"]]
+        return (0.5 * jnp.sum(r**2) / s**2 + r.size * jnp.log(s) + 0.5 * jnp.sum(u**2) / sd**2
+                + u.size * jnp.log(sd) + 0.5 * (r.size + u.size) * np.log(2 * np.pi))
+
+    m = tmbx.Model(nll, {"u": jnp.zeros(6), "mu": 0.3, "logsd": 0.2, "logs": -0.1}, data={"y": y, "g": g},
+                   random=["u"], map={"mu": [None], "logsd": [None], "logs": [None]})
+    fit = m.fit()
+    Z = np.eye(6)[g]
+    V = np.exp(-0.2) * np.eye(24) + np.exp(0.4) * Z @ Z.T
+    assert fit.converged
+    assert fit.loglik == pytest.approx(st.multivariate_normal(np.full(24, 0.3), V).logpdf(y), abs=1e-9)

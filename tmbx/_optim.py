@@ -76,6 +76,12 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
     copy of the state through XLA, which costs compile time, not run time.
     """
     n = x0.shape[0]
+    if n == 0:
+        # every fixed parameter held (``map``): nothing to optimize, one evaluation
+        f, g, aux = value_and_grad(x0, aux0, data)
+        status = jnp.where(jnp.isfinite(f), OUTER_OK, OUTER_NONFINITE)
+        return dict(x=x0, f=f, g=g, aux=aux, status=status, iterations=jnp.asarray(1),
+                    hessian=jnp.zeros((0, 0)))
     eye = jnp.eye(n)
     opt = options
 

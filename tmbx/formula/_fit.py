@@ -390,26 +390,11 @@ class GlmmFit:
         """Simulate responses with new random effects (glmmTMB's ``simulate``): (nsim, N)."""
         if nsim < 1:
             raise ValueError(f"nsim must be at least 1, got {nsim}")
+        from ..diagnostics._residuals import _simulator
+
         p = {k: jnp.asarray(v) for k, v in self._par().items()}
-        _, d = self._newdata(None)
-        fam = self.family
-        trials = None if self.design.trials is None else jnp.asarray(self.design.trials)
-        has_zi = "zi" in d
-
-        def one(key):
-            k1, k2, k3 = jax.random.split(key, 3)
-            q = dict(p)
-            if "b" in q:
-                q["b"] = jax.random.normal(k1, q["b"].shape)
-            if "bzi" in q:
-                q["bzi"] = jax.random.normal(k2, q["bzi"].shape)
-            eta = self._eta_fn(d, "cond")(q)
-            zi = self._eta_fn(d, "zi")(q) if has_zi else None
-            disp = d["disp"]["X"] @ q["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
-            return fam.sample(k3, eta, disp=disp, psi=q.get("psi"), zi=zi, trials=trials)
-
         keys = jax.random.split(jax.random.PRNGKey(seed), nsim)
-        return np.asarray(jax.jit(jax.vmap(one))(keys))
+        return np.asarray(_simulator(self, conditional=False)(p, keys))
 
     # ------------------------------------------------------------ inference
     def coef_table(self, component="cond", ddf=None) -> pd.DataFrame:
