@@ -135,7 +135,7 @@ def test_zi_component_anova_emmeans_emtrends(zip_fit):
     se = np.sqrt(np.diag(L @ V @ L.T))
     em = zip_fit.emmeans("mined", type="response", component="zi").table
     p = 1 / (1 + np.exp(-eta))
-    close(em["prob"].to_numpy(), p, 1e-8)
+    close(em["response"].to_numpy(), p, 1e-8)
     close(em["SE"].to_numpy(), p * (1 - p) * se, 1e-8)
     crit = sst.t.ppf(0.975, zip_fit.df_resid)
     close(em["upper.CL"].to_numpy(), 1 / (1 + np.exp(-(eta + crit * se))), 1e-8)
@@ -191,6 +191,36 @@ def test_poisson_crossed_anova_drop1():
     check_drop1(fit.drop1(), r["drop1"])
 
 
+EMM = _load(os.path.join(HERE, "data", "emmeans_extra.json"))  # tests/reference_scripts/emmeans_extra.R
+
+
+def check_emmeans(tab, ref, estimate):
+    close(tab[estimate].to_numpy(), ref[estimate], 1e-4)
+    for col in ("SE", "df", "lower.CL", "upper.CL"):
+        close(tab[col].to_numpy(), ref[col], 1e-4)
+
+
+def test_zip_emmeans_against_emmeans(zip_fit):
+    """emmeans 1.8.4.1 on the glmmTMB fit: rates and Tukey-adjusted ratios of the
+    conditional model, probabilities of the zero-inflation model."""
+    r = EMM["salamanders_zip"]
+    close(zip_fit.loglik, r["logLik"], 1e-6)
+    em = zip_fit.emmeans("spp", type="response")
+    check_emmeans(em.table, r["emmeans_spp_response"], "rate")
+    pairs = em.pairs(adjust="tukey")
+    ref = r["pairs_spp_ratio"]
+    assert list(pairs["contrast"]) == ref["contrast"]
+    for col in ("ratio", "SE", "t.ratio"):
+        close(pairs[col].to_numpy(), ref[col], 1e-4)
+    # Tukey p-values below ~1e-10 are at the end of both ptukey's and scipy's precision
+    pv, pref = pairs["p.value"].to_numpy(), np.asarray(ref["p.value"])
+    tiny = pref < 1e-10
+    close_p(pv[~tiny], pref[~tiny], 1e-3)
+    assert np.all(pv[tiny] < 1e-9)
+    zi = zip_fit.emmeans("mined", type="response", component="zi").table
+    check_emmeans(zi, r["emmeans_zi_mined_response"], "response")
+
+
 @pytest.mark.slow
 def test_gamma_dispersion_model():
     r = EXTRA["cake_gamma_disp"]
@@ -207,3 +237,9 @@ def test_gamma_dispersion_model():
     b = fit.fixef["cond"]
     temps = [c for c in b.index if c.startswith("temperature")]
     close(em["response"].iloc[0], np.exp(b["Intercept"] + sum(b[t] for t in temps) / 6), 1e-8)
+    ref = EMM["cake_gamma_disp"]
+    check_emmeans(em, ref["emmeans_recipe_response"], "response")
+    pairs = fit.emmeans("recipe", type="response").pairs()
+    for col in ("ratio", "SE", "t.ratio"):
+        close(pairs[col].to_numpy(), ref["pairs_recipe_ratio"][col], 1e-3)
+    close_p(pairs["p.value"].to_numpy(), ref["pairs_recipe_ratio"]["p.value"], 1e-3)

@@ -83,9 +83,7 @@ def _link(fit, component):
 
 def _response_label(fit, component):
     """emmeans' name of a response-scale mean (.std.link.labels)."""
-    if component == "zi":
-        return "prob"
-    if component == "disp":
+    if component in ("zi", "disp"):  # emmeans on glmmTMB's other components: "response"
         return "response"
     fam = fit.family.name
     return "prob" if "binomial" in fam else "rate" if "poisson" in fam else "response"
@@ -148,7 +146,8 @@ class EMMeans:
         stat = diff / se
         link = _link(self.fit, self.component)[0]
         ratio = self.type == "response" and link in ("log", "logit")
-        out = pd.DataFrame({"contrast": [f"{names[i]} {'/' if ratio else '-'} {names[j]}" for i, j in idx]})
+        op = "/" if ratio else "-"
+        out = pd.DataFrame({"contrast": [f"{_label(names[i])} {op} {_label(names[j])}" for i, j in idx]})
         if ratio:
             out["odds.ratio" if link == "logit" else "ratio"] = np.exp(diff)
             out["SE"] = np.exp(diff) * se
@@ -227,3 +226,10 @@ def emtrends(fit, specs, var, component="cond", level=0.95, df=None, at=None) ->
     L = np.stack([D[(keys == k).to_numpy()].mean(axis=0) for k in order])
     return EMMeans(fit, sp, "link", component, L, labels, f"{var}.trend",
                    float(fit.df_resid if df is None else df), level)
+
+
+def _label(level) -> str:
+    """A level as emmeans writes it inside a contrast: in parentheses when it holds an
+    operator or a space (``GP / (EC-A)``), so that the label reads unambiguously."""
+    text = str(level)
+    return f"({text})" if any(ch in text for ch in "-+*/ ") else text
