@@ -1,0 +1,239 @@
+"""Parametric bootstrap (lme4's ``bootMer`` with ``use.u = FALSE``), refits batched.
+
+``nsim`` responses are simulated from the fit with new random effects
+(`GlmmFit.simulate`) and the template is refitted to all of them at once: the
+engine's compiled fit (``Model._fit_impl``, BFGS over the Laplace marginal)
+under one ``jit(vmap)`` over the simulated responses only, so the design
+matrices are shared, not copied per replicate. Refits start at the estimate.
+Everything is JAX, so the same code runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .._laplace import INNER_OK
+from .._optim import BFGSOptions, bfgs
+from ._profile import check_parm, named_parameters
+
+_BATCHED = weakref.WeakKeyDictionary()  # model -> {options: compiled batched refit}
+# Replicates start next to their optimum and the problem is preconditioned, so
+# plain BFGS (no Newton polish: 2 n extra gradients each) converges in ~10
+# evaluations for most of them. A vmapped loop runs as long as its slowest member,
+# so every replicate gets a short pass and only those that need more (sds running
+# to 0, correlations to +/-1) get further passes, resumed where they stopped, in a
+# batch a quarter the size.
+_PASS = BFGSOptions(polish=False, gtol=1e-7, max_evals=12)
+_RESUMES = 6
+# a replicate whose gradient (in Wald-se units) is this small when the passes end
+# counts as converged: its parameters creep along a boundary (a correlation to
+# +/-1, an sd to 0) where the likelihood is flat; what it could still gain in nll
+# is of order gmax^2 / 2
+_GRAD_OK = 0.1
+_F_STALL = 1e-3  # nll units: a deviance change of 0.002
+
+
+def default_batch_size(nsim):
+    """All at once on an accelerator; on CPU, chunks of 250 (a vmapped batch costs
+    its size times its slowest member's iterations there, so smaller chunks lose
+    nothing and bound memory)."""
+    return min(nsim, 1000 if jax.default_backend() != "cpu" else 250)
+
+
+def check_nsim(nsim):
+    if isinstance(nsim, bool) or not isinstance(nsim, (int, np.integer)) or nsim < 1:
+        raise ValueError(f"nsim must be a positive integer (the number of simulated data sets), got {nsim!r}")
+    return int(nsim)
+
+
+def wald_factor(fit):
+    """A square root L of the fit's Wald covariance (L L' = H^-1; identity where the
+    Hessian is unusable): the refits optimize y with x = x_hat + L y."""
+    n = len(fit._fit.x)
+    try:
+        H = np.asarray(fit._fit.hessian, float)
+        lam, Q = np.linalg.eigh(0.5 * (H + H.T))
+        if not np.all(np.isfinite(lam)) or lam.max() <= 0:
+            raise ValueError
+        lam = np.clip(lam, 1e-8 * lam.max(), None)
+        return Q / np.sqrt(lam)[None, :]
+    except (np.linalg.LinAlgError, ValueError):
+        return np.eye(n)
+
+
+def batched_refit(model, options):
+    """``fit(Y, x0, u0, L, data)``: BFGS over the Laplace marginal, preconditioned by
+    L, vmapped over responses Y (B, N) and starts (B, n_x), (B, n_u); the design is
+    shared, not copied per replicate."""
+    cache = _BATCHED.setdefault(model, {})
+    if options in cache:
+        return cache[options]
+
+    def vg(y, u0, aux):
+        d, x0, L = aux
+        (val, (u, status)), g = jax.value_and_grad(
+            lambda yy: model._objective(x0 + L @ yy, u0, d), has_aux=True)(y)
+        return jnp.where(status != INNER_OK, jnp.inf, val), g, u
+
+    def one(Y, x0, u0, L, d):
+        res = bfgs(vg, jnp.zeros_like(x0), u0, ({**d, "y": Y}, x0, L), options)
+        return {"x": x0 + L @ res["x"], "u": res["aux"], "f": res["f"], "status": res["status"],
+                "gmax": jnp.max(jnp.abs(res["g"]), initial=0.0)}
+
+    cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)))
+    return cache[options]
+
+
+def _run_chunks(run, Y, X0, U0, L, d, size, bar=None):
+    """``run`` over rows of Y/X0/U0 in chunks of ``size`` (last padded); stacked numpy."""
+    n = Y.shape[0]
+    out = {}
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        args = [np.concatenate([a[lo:hi], np.repeat(a[lo:lo + 1], size - (hi - lo), axis=0)]) for a in (Y, X0, U0)]
+        res = run(*(jnp.asarray(a) for a in args), L, d)
+        for k, v in res.items():
+            out.setdefault(k, []).append(np.asarray(v)[: hi - lo])
+        if bar is not None:
+            bar.update(hi - lo)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
+    """Refit ``fit``'s model to the simulated responses ``sims(i0, i1) -> (i1 - i0, N)``,
+    ``batch_size`` at a time (the last chunk padded, so one program serves all).
+    Returns stacked x, u, f, status and converged (numpy)."""
+    from tqdm.auto import tqdm
+
+    model, d = fit.model, fit.model.data
+    x_hat, u_hat = np.asarray(fit._fit.x), np.asarray(fit._fit.u)
+    L = jnp.asarray(wald_factor(fit))
+    run = batched_refit(model, _PASS)
+    parts = []
+    bar = tqdm(total=sims.n, desc=desc, disable=not progress or sims.n <= batch_size, leave=False)
+    for lo in range(0, sims.n, batch_size):
+        hi = min(lo + batch_size, sims.n)
+        Y = np.asarray(sims(lo, hi), float)
+        X0, U0 = np.broadcast_to(x_hat, (hi - lo,) + x_hat.shape), np.broadcast_to(u_hat, (hi - lo,) + u_hat.shape)
+        res = _run_chunks(run, Y, X0, U0, L, d, batch_size, bar)
+        res["Y"] = Y
+        parts.append(res)
+    bar.close()
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    stalled = np.zeros(sims.n, bool)
+    # the slow few: a smaller batch (a second compiled program), so that they do not
+    # pay for a whole chunk of padding
+    resume_size = max(8, batch_size // 4)
+    for _ in range(_RESUMES):
+        again = np.flatnonzero(out["status"] != 0)
+        if not again.size:
+            break
+        more = _run_chunks(run, out["Y"][again], out["x"][again], out["u"][again], L, d, resume_size)
+        keep = np.isfinite(more["f"]) & ~(more["f"] > out["f"][again])
+        # a pass that gains nothing: the replicate creeps along a boundary (an sd to 0,
+        # a correlation to +/-1) where the likelihood is flat; its estimate is final
+        stalled[again] = keep & (out["f"][again] - more["f"] <= _F_STALL)
+        for k in more:
+            out[k][again[keep]] = more[k][keep]
+    del out["Y"]
+    out["converged"] = np.isfinite(out["f"]) & ((out["status"] == 0) | (out["gmax"] <= _GRAD_OK) | stalled)
+    return out
+
+
+class Simulations:
+    """Simulated responses, served in chunks: one `GlmmFit.simulate` call (one
+    compiled program) when all of them fit in memory, else one call per chunk with
+    seeds spawned from ``seed`` (then the draws depend on ``batch_size`` too)."""
+
+    _MAX_AT_ONCE = 2e7  # numbers held at once (160 MB)
+
+    def __init__(self, fit, nsim, seed, batch_size):
+        self.fit, self.n, self.batch = fit, nsim, batch_size
+        self.all = None
+        if nsim * fit.nobs <= self._MAX_AT_ONCE:
+            self.all = fit.simulate(nsim=nsim, seed=seed)
+        else:
+            seq = np.random.SeedSequence(seed)
+            self.seeds = [int(q.generate_state(1)[0]) for q in seq.spawn(-(-nsim // batch_size))]
+
+    def __call__(self, lo, hi):
+        if self.all is not None:
+            return self.all[lo:hi]
+        return self.fit.simulate(nsim=self.batch, seed=self.seeds[lo // self.batch])[: hi - lo]
+
+
+class Bootstrap:
+    """Result of `bootstrap`.
+
+    ``draws``: DataFrame, one row per replicate (rows of failed refits are NaN);
+    ``converged``: boolean array; ``n_failed``; ``estimate``: ``fn`` at the fit.
+    """
+
+    def __init__(self, draws, converged, estimate, status):
+        self.draws = draws
+        self.converged = converged
+        self.n_failed = int((~converged).sum())
+        self.estimate = estimate
+        self.status = status
+
+    def confint(self, level: float = 0.95, parm=None) -> pd.DataFrame:
+        """Percentile intervals (boot.ci type "perc"): columns estimate, lower, upper."""
+        if not 0 < level < 1:
+            raise ValueError(f"level must be between 0 and 1, got {level}")
+        names = check_parm(parm, list(self.draws.columns))
+        ok = self.draws.loc[self.converged, names]
+        if self.n_failed:
+            warnings.warn(f"{self.n_failed} of {len(self.draws)} bootstrap refits failed; the intervals use "
+                          f"the {len(ok)} that converged", RuntimeWarning, stacklevel=2)
+        q = ok.quantile([(1 - level) / 2, (1 + level) / 2]).T
+        return pd.DataFrame({"estimate": pd.Series(self.estimate)[names], "lower": q.iloc[:, 0],
+                             "upper": q.iloc[:, 1]}).rename_axis("name")
+
+    def __repr__(self):
+        return f"Bootstrap(nsim={len(self.draws)}, failed={self.n_failed}, columns={list(self.draws.columns)})"
+
+
+def bootstrap(fit, nsim: int = 1000, fn=None, seed: int = 0, batch_size: int | None = None,
+              progress: bool = True) -> Bootstrap:
+    """Parametric bootstrap (bootMer, ``use.u = FALSE``): simulate ``nsim`` responses
+    with new random effects and refit them all, ``batch_size`` at a time.
+
+    ``fn(params) -> dict`` maps one replicate's parameters (a dict keyed by the
+    confint names: "Intercept", "sd_Intercept|Subject", "sigma", ...) to the
+    statistics to keep; it must be traceable by JAX. Default: every parameter.
+    """
+    nsim = check_nsim(nsim)
+    batch_size = default_batch_size(nsim) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _, value_fn = named_parameters(fit)
+    stat = value_fn if fn is None else (lambda p: fn(value_fn(p)))
+    sp = fit.model.space
+    at_fit = stat(sp.unflatten(jnp.asarray(fit._fit.x), jnp.asarray(fit._fit.u)))
+    if not isinstance(at_fit, dict):
+        raise TypeError(f"fn must return a dict of name -> scalar, got {type(at_fit).__name__}")
+    res = refit_simulations(fit, Simulations(fit, nsim, seed, batch_size), batch_size, progress)
+    vals = jax.jit(jax.vmap(lambda x, u: stat(sp.unflatten(x, u))))(jnp.asarray(res["x"]), jnp.asarray(res["u"]))
+    converged = res["converged"]
+    draws = {}
+    for k in at_fit:  # fn's order (jax returns dicts with sorted keys)
+        v = np.asarray(vals[k], float)
+        if v.shape != (nsim,):
+            raise ValueError(f"fn's entry {k!r} has shape {v.shape[1:]} per replicate; return scalars "
+                             "(one dict entry per statistic)")
+        draws[k] = v
+    draws = pd.DataFrame(draws)
+    draws.loc[~converged, :] = np.nan
+    draws.index.name = "replicate"
+    if (~converged).any():
+        warnings.warn(f"{int((~converged).sum())} of {nsim} bootstrap refits did not converge; their rows of "
+                      "draws are NaN and confint leaves them out. Many failures point to a model too "
+                      "complex for the data (see fit.diagnose()).", RuntimeWarning, stacklevel=3)
+    estimate = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in at_fit.items()}
+    return Bootstrap(draws, converged, estimate, res["status"])
