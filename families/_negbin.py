@@ -106,6 +106,14 @@ class NegativeBinomial2(_NegativeBinomial):
     def _log_excess(self, log_mu, disp, psi):
         return 2.0 * log_mu - disp
 
+    def _log_prob(self, y, eta, disp, psi, trials):
+        # dnbinom_robust's value with its size written as exp(disp) (= mu * p / (1 - p)
+        # exactly): the size then does not depend on eta, so the derivatives in eta that
+        # the Laplace approximation takes (up to third order) skip the lgamma terms
+        logit_p = disp - self.link.log_inverse(eta)
+        size = jnp.exp(disp)
+        return size * log_sigmoid(logit_p) + lgamma_ratio(size, y) - lfactorial(y) + y * log_sigmoid(-logit_p)
+
     def _deviance_residuals(self, y, eta, disp, psi, trials):
         return _nb2_deviance(y, self.link.inverse(eta), jnp.exp(disp))
 
