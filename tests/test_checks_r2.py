@@ -83,22 +83,20 @@ def test_r2_family_without_r2_is_a_clear_error(cbpp):
         r2(stub)
 
 
-def test_overdispersion_binomial(cbpp):
-    ref = _ref("cbpp")["overdispersion"]
-    od = cbpp.check_overdispersion()
+def _check_overdispersion(fit, ref):
+    od = fit.check_overdispersion()
     assert od["rdf"] == ref["residual_df"]
     assert od["chisq"] == pytest.approx(ref["chisq_statistic"], rel=1e-3)
     assert od["ratio"] == pytest.approx(ref["dispersion_ratio"], rel=1e-3)
     assert od["p"] == pytest.approx(ref["p_value"], rel=1e-2)
+
+
+def test_overdispersion_binomial(cbpp):
+    _check_overdispersion(cbpp, _ref("cbpp")["overdispersion"])
 
 
 def test_overdispersion_poisson(sal_pois):
-    ref = _ref("salamanders")["overdispersion_poisson"]
-    od = sal_pois.check_overdispersion()
-    assert od["rdf"] == ref["residual_df"]
-    assert od["chisq"] == pytest.approx(ref["chisq_statistic"], rel=1e-3)
-    assert od["ratio"] == pytest.approx(ref["dispersion_ratio"], rel=1e-3)
-    assert od["p"] == pytest.approx(ref["p_value"], rel=1e-2)
+    _check_overdispersion(sal_pois, _ref("salamanders")["overdispersion_poisson"])
 
 
 def test_zeroinflation_poisson(sal_pois):
