@@ -80,7 +80,8 @@ def _split(data, by):
         keys = list(col.cat.categories)
         codes = col.cat.codes.to_numpy()
     else:
-        keys, codes = np.unique(col.to_numpy(), return_inverse=True)
+        # hashing, not np.unique: sorting millions of strings (gene names) took seconds
+        codes, keys = pd.factorize(col, sort=True)
         keys = list(keys)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))

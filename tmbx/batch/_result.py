@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,22 +105,16 @@ class GlmmBatchFit:
         return X.shape[1] == 1 and np.allclose(X, 1.0)
 
     def _variance_columns(self, tmpl, X) -> dict:
-        sp = tmpl.model.space
-        p = jax.vmap(lambda x: sp.unflatten(x, jnp.zeros(sp.n_u)))(jnp.asarray(X))
-        cols = {}
-        for t in tmpl.terms:
-            th = p["theta" if t.component == "cond" else "thetazi"][:, t.theta_slice]
-            sd = np.sqrt(np.clip(np.diagonal(np.asarray(jax.vmap(t.struct.cov)(th)), axis1=1, axis2=2), 0, None))
-            prefix = "" if t.component == "cond" else "zi~"
-            for j, name in enumerate(t.terms):
-                cols[f"sd:{prefix}{name}|{t.group}"] = sd[:, j]
-        fam = self.family
-        if fam.has_disp and self._sigma_only(tmpl):
-            psi = p.get("psi")
-            sig = jax.vmap(lambda bd, ps: fam.sigma(bd, ps))(p["betadisp"][:, 0], psi) if psi is not None \
-                else jax.vmap(lambda bd: fam.sigma(bd))(p["betadisp"][:, 0])
-            cols["disp"] = np.asarray(sig, float)
-        return cols
+        entry = _VARIANCE_FNS.get(id(tmpl))
+        if entry is None:
+            # one jitted program per template (kept with it): run eagerly, the vmapped
+            # structure and family code dispatched op by op and took seconds per call
+            names, fn = _variance_fn(tmpl, self.family, self._sigma_only(tmpl))
+            entry = names, jax.jit(jax.vmap(fn))
+            _VARIANCE_FNS[id(tmpl)] = entry
+            weakref.finalize(tmpl, _VARIANCE_FNS.pop, id(tmpl), None)
+        names, fn = entry
+        return {k: np.asarray(v, float) for k, v in zip(names, fn(jnp.asarray(X)))}
 
     @property
     def converged(self) -> pd.Series:
@@ -176,3 +172,30 @@ class GlmmBatchFit:
     def _slot_labels(self, term, m: Member):
         src_term = next(t for c in self.source.components.values() for t in c.re if t.group == term.group)
         return [src_term.levels[j] for j in m.rows.levels]
+
+
+_VARIANCE_FNS: dict = {}
+
+
+def _variance_fn(tmpl, fam, sigma_only: bool):
+    """Column names ("sd:TERM|GROUP", ..., "disp") and ``x -> tuple`` of their values
+    for one member's parameter vector."""
+    sp = tmpl.model.space
+    names = [f"sd:{'' if t.component == 'cond' else 'zi~'}{name}|{t.group}" for t in tmpl.terms for name in t.terms]
+    with_disp = fam.has_disp and sigma_only
+    if with_disp:
+        names.append("disp")
+
+    def fn(x):
+        p = sp.unflatten(x, jnp.zeros(sp.n_u))
+        out = []
+        for t in tmpl.terms:
+            th = p["theta" if t.component == "cond" else "thetazi"][t.theta_slice]
+            sd = jnp.sqrt(jnp.clip(jnp.diagonal(t.struct.cov(th)), 0, None))
+            out += [sd[j] for j in range(t.k)]
+        if with_disp:
+            psi = p.get("psi")
+            out.append(fam.sigma(p["betadisp"][0], psi) if psi is not None else fam.sigma(p["betadisp"][0]))
+        return tuple(out)
+
+    return names, fn
