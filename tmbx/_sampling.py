@@ -295,44 +295,30 @@ def sample_glmm(fit, num_samples=1000, num_chains=4, seed=0, laplace=False, **kw
 
 
 def _glmm_quantities(fit, laplace):
-    """z -> named quantities, as confint names them: fixed effects, sd_TERM|GROUP,
-    cor_TERM2.TERM1|GROUP, sigma, other theta/psi; random effects b per group."""
-    from .formula._fit import _log_sd_positions
+    """z -> named quantities, as confint names them (the profile's and bootstrap's
+    `named_parameters`: fixed effects, sd_TERM|GROUP, cor_TERM2.TERM1|GROUP, sigma,
+    structure parameters), psi, and the random effects b per group (joint sampling)."""
+    from .inference._profile import named_parameters
 
     sp = fit.model.space
     tmpl = fit.template
     u_mode = jnp.asarray(fit._fit.u)
-    sigma = fit.sigma is not None and fit.family.has_disp
+    _, value_fn = named_parameters(fit)
+    # with laplace=True, fixed effects integrated out (REML) are not sampled
+    integrated = {("" if key == "beta" else "zi~") + nm for key in ("beta", "betazi")
+                  if laplace and key in sp.random for nm in tmpl.names.get(key, [])}
 
     def named(z):
         nx = sp.n_x
         p = sp.unflatten(z[:nx], u_mode if laplace else z[nx:])
-        out = {}
-        for key, prefix in (("beta", ""), ("betazi", "zi~"), ("betadisp", "disp~")):
-            if key in p and not (laplace and key in sp.random) and not (key == "betadisp" and sigma):
-                for i, nm in enumerate(tmpl.names[key]):
-                    out[prefix + nm] = p[key][i]
-        for t in tmpl.terms:
-            key, prefix = ("theta", "") if t.component == "cond" else ("thetazi", "zi~")
-            th = p[key][t.theta_slice]
-            sd_pos = {pos: j for j, pos in _log_sd_positions(t)}
-            corr = _corr(t.struct.cov(th)) if t.struct.name == "us" and t.k > 1 else None
-            for pos in range(t.struct.n_params):
-                if pos in sd_pos:
-                    out[f"{prefix}sd_{t.terms[sd_pos[pos]]}|{t.group}"] = jnp.exp(th[pos])
-                elif corr is None:
-                    out[f"{prefix}theta_{tmpl.names[key][t.theta_slice.start + pos]}"] = th[pos]
-            if corr is not None:
-                for i, j in zip(*np.tril_indices(t.k, -1)):
-                    out[f"{prefix}cor_{t.terms[i]}.{t.terms[j]}|{t.group}"] = corr[i, j]
-            if not laplace:
-                bkey = "b" if t.component == "cond" else "bzi"
-                T = t.struct.factor(th)
-                out[f"ranef:{prefix}{t.group}"] = p[bkey][t.b_slice].reshape(t.m, t.k) @ T.T
-        if sigma:
-            out["sigma"] = fit.family.sigma(p["betadisp"][0])
+        out = {k: v for k, v in value_fn(p).items() if k not in integrated}
         for i in range(len(tmpl.names.get("psi", []))):
             out[f"psi[{i}]"] = p["psi"][i]
+        if not laplace:
+            for t in tmpl.terms:
+                key, bkey, prefix = ("theta", "b", "") if t.component == "cond" else ("thetazi", "bzi", "zi~")
+                T = t.struct.factor(p[key][t.theta_slice])
+                out[f"ranef:{prefix}{t.group}"] = p[bkey][t.b_slice].reshape(t.m, t.k) @ T.T
         return out
 
     return named
