@@ -246,8 +246,8 @@ def _osa_generic(fit, name, support, seed):
             "discrete_support or check the inner solves", RuntimeWarning, stacklevel=3,
         )
     p = p / mass[:, None]
-    below = np.array([p[i, ks < yf[i]].sum() for i in range(n)])
-    at = np.array([p[i, ks == yf[i]].sum() for i in range(n)])
+    below = np.sum(np.where(ks[None, :] < yf[:, None], p, 0.0), axis=1)
+    at = np.sum(np.where(ks[None, :] == yf[:, None], p, 0.0), axis=1)
     U = np.random.default_rng(seed).uniform(size=n)
     cdf = np.clip(below + U * at, 1e-12, 1 - 1e-12)
     return pd.DataFrame({"observation": yf, "cdf": cdf, "residual": sst.norm.ppf(cdf)})
