@@ -8,10 +8,21 @@ For fixed parameters ``x`` and latent effects ``u`` with joint nll
 
 ``u*`` is a `jax.custom_jvp` function: its tangent is the implicit-function
 derivative ``du* = -H^-1 (d2f/du dx) dx``, computed with the same sparse
-factorization as the Newton steps. JAX transposes that linear map for
-reverse mode, so ``grad L`` costs one extra sparse solve (TMB's algorithm),
-and higher derivatives (the Hessian of ``L`` for standard errors) follow by
-differentiating the rule again. Nothing is finite-differenced.
+factorization as the Newton steps.
+
+The marginal ``L`` has a `jax.custom_jvp` rule of its own, so that one
+factorization of ``H`` at ``u*`` serves everything an evaluation needs: the
+log-determinant, the pivots (singularity check), the implicit solve for
+``du*`` and the selected inverse ``Sigma`` (``H^-1`` on ``H``'s pattern)::
+
+    dL = df(x, u*) + 1/2 <Sigma, dH>,    dH = d hessian(x, u*)[dx, du*]
+
+JAX transposes that linear map for reverse mode, so ``grad L`` costs one
+sparse solve, one selected inversion and one reverse pass through the
+Hessian's values (TMB's algorithm); it never differentiates through the
+factorization. Higher derivatives (the Hessian of ``L`` for standard errors)
+follow by differentiating the rule again in forward mode. Nothing is
+finite-differenced.
 """
 
 from __future__ import annotations
@@ -80,18 +91,27 @@ class Laplace:
         self.layout = hessian.layout
         self.n_u = n_u
         self.options = options
-        self._pad = jnp.asarray(np.concatenate([self.layout.padding(), [0.0]]))
+        # the layout's padding (ones on the diagonal of unused block positions) is
+        # added at its few nonzero slots: a dense constant the size of the storage
+        # would sit in every compiled program (megabytes for a banded layout)
+        self._pad = np.concatenate([self.layout.padding(), [0.0]])
+        nz = np.nonzero(self._pad)[0]
+        self._pad_slots = jnp.asarray(nz, jnp.int32)
+        self._pad_values = jnp.asarray(self._pad[nz])
         self._diag = jnp.asarray(self.layout.diag_slots(), jnp.int32)
         self.u_star = self._make_u_star()
+        self.marginal = self._make_marginal()
 
     # -- pieces -----------------------------------------------------------
     def grad_u(self, x, u, data):
         return jax.grad(self.f, argnums=1)(x, u, data)
 
+    def flat(self, x, u, data):
+        """``H`` in the layout's flat storage (padding added, dummy slot dropped)."""
+        return self.hessian(x, u, data).at[self._pad_slots].add(self._pad_values)[:-1]
+
     def factor(self, x, u, data, damping=0.0):
-        flat = self.hessian(x, u, data) + self._pad
-        flat = flat.at[self._diag].add(damping)
-        return self.layout.factor(flat[:-1])
+        return self.layout.factor(self.flat(x, u, data).at[self._diag].add(damping))
 
     # -- inner Newton ------------------------------------------------------
     def newton(self, x, u0, data):
@@ -172,16 +192,50 @@ class Laplace:
         return u_star
 
     # -- the marginal -------------------------------------------------------
+    def _at_mode(self, fval, flat, status):
+        """Value of the marginal at the mode (``fval = f(x, u*)``, ``flat = H``) and
+        the status after the singularity check; also the factorization of ``H``."""
+        F = self.layout.factor(flat)
+        val = fval + 0.5 * F._logdet() - 0.5 * self.n_u * math.log(2 * math.pi)
+        piv = jax.lax.stop_gradient(jnp.abs(F.pivots()))
+        singular = jnp.min(piv) ** 2 < 1e-14 * jnp.max(piv) ** 2
+        status = jnp.where((status == INNER_OK) & singular, INNER_SINGULAR, status)
+        return val, status, F
+
+    def _make_marginal(self):
+        lap = self
+
+        @jax.custom_jvp
+        def marginal(x, u0, data):
+            u, status = lap.u_star(x, u0, data)
+            val, status, _ = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status)
+            return val, u, status
+
+        @marginal.defjvp
+        def marginal_jvp(primals, tangents):
+            x, u0, data = primals
+            dx, _, ddata = tangents
+            # u_star (not the bare Newton loop): differentiating this rule again
+            # (forward mode, for Hessians of L) then uses the implicit derivative
+            u, status = lap.u_star(x, u0, data)
+            # linearized once: the program holds one copy of f and of the Hessian
+            # values for both the value and the tangent
+            fval, f_lin = jax.linearize(lap.f, x, u, data)
+            flat, flat_lin = jax.linearize(lap.flat, x, u, data)
+            val, status, F = lap._at_mode(fval, flat, status)
+            # du* = -H^-1 (d grad_u f)[dx]
+            _, rhs = jax.jvp(lambda xx, dd: lap.grad_u(xx, u, dd), (x, data), (dx, ddata))
+            du = -F.solve(rhs)
+            dval = f_lin(dx, du, ddata) + 0.5 * jnp.sum(F.logdet_grad() * flat_lin(dx, du, ddata))
+            return (val, u, status), (dval, du, np.zeros(np.shape(status), dtype=jax.dtypes.float0))
+
+        return marginal
+
     def objective(self, x, u0, data):
         """``(L(x), (u*, status))``: Laplace marginal nll and the inner solution."""
         if self.quadratic:
             return self._objective_quadratic(x, u0, data)
-        u, status = self.u_star(x, jax.lax.stop_gradient(u0), data)
-        F = self.factor(x, u, data)
-        val = self.f(x, u, data) + 0.5 * F.logdet() - 0.5 * self.n_u * math.log(2 * math.pi)
-        piv = jax.lax.stop_gradient(jnp.abs(F.pivots()))
-        singular = jnp.min(piv) ** 2 < 1e-14 * jnp.max(piv) ** 2
-        status = jnp.where((status == INNER_OK) & singular, INNER_SINGULAR, status)
+        val, u, status = self.marginal(x, jax.lax.stop_gradient(u0), data)
         return val, (u, status)
 
     def _objective_quadratic(self, x, u0, data):

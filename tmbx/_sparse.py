@@ -25,10 +25,20 @@ entries to positions in it, so callers assemble a matrix with one scatter-add
 (`flat.at[slots].add(values)`), and `factor(flat)` returns a factorization
 with `logdet()`, `solve(b)` and `diag_inverse()`. Indices refer to the
 original (unpermuted) numbering throughout; permutations stay inside.
+
+The log-determinant has its own derivative rule (`logdet`): ``d log det H =
+sum_ij (H^-1)_ij dH_ij`` needs ``H^-1`` only on the stored pattern (the
+*selected inverse*: Takahashi's recursion on the factor), so neither reverse
+mode through the factorization (a backward pass over every block operation)
+nor its compile time is ever paid. Each factor's `logdet_grad()` returns that
+selected inverse laid out like ``flat``; the rule is a `jax.custom_jvp`, so it
+can be differentiated again (forward mode through the recursion) for exact
+second derivatives.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -55,6 +65,32 @@ def _tri_solve(L, b, trans=False):
 
 def _logdiag(L):
     return jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
+
+
+def _tri_inv(L):
+    """L^-1 of a (batch of) lower-triangular factor(s)."""
+    eye = jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape)
+    return _tri_solve(L, eye)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def logdet(layout, flat):
+    """``log det H`` of the symmetric matrix that ``layout`` stores in ``flat``.
+
+    Every layout factorizes the symmetrized matrix, so ``d log det H =
+    tr(H^-1 dH)`` sums ``(H^-1)_ij`` over the matrix entries that each storage
+    slot feeds: ``Sigma_ij`` for a slot read once (both triangles stored) and
+    ``2 Sigma_ij`` for an off-diagonal slot that stands for ``(i, j)`` and
+    ``(j, i)``. The factor's `logdet_grad` computes exactly that.
+    """
+    return layout.factor(flat)._logdet()
+
+
+@logdet.defjvp
+def _logdet_jvp(layout, primals, tangents):
+    (flat,), (dflat,) = primals, tangents
+    F = layout.factor(flat)
+    return F._logdet(), jnp.sum(F.logdet_grad() * dflat)
 
 
 class _Layout:
@@ -99,14 +135,24 @@ class DenseLayout(_Layout):
         return flat.reshape(self.n, self.n)
 
     def factor(self, flat) -> "DenseFactor":
-        return DenseFactor(L=_chol(flat.reshape(self.n, self.n)))
+        return DenseFactor(layout=self, flat=flat, L=_chol(flat.reshape(self.n, self.n)))
 
 
 class DenseFactor(eqx.Module):
+    layout: DenseLayout = eqx.field(static=True)
+    flat: jax.Array  # the factorized storage (for `logdet`'s derivative rule)
     L: jax.Array
 
     def logdet(self):
+        return logdet(self.layout, self.flat)
+
+    def _logdet(self):
         return 2.0 * _logdiag(self.L)
+
+    def logdet_grad(self):
+        """d logdet / d flat: the full inverse (every entry is stored)."""
+        Linv = _tri_inv(self.L)
+        return (Linv.T @ Linv).reshape(-1)
 
     def ok(self):
         return jnp.all(jnp.isfinite(jnp.diagonal(self.L)))
@@ -118,12 +164,12 @@ class DenseFactor(eqx.Module):
         return jsl.cho_solve((self.L, True), b)
 
     def diag_inverse(self):
-        Linv = _tri_solve(self.L, jnp.eye(self.L.shape[0]))
+        Linv = _tri_inv(self.L)
         return jnp.sum(Linv**2, axis=0)
 
     def inverse_entries(self, rows, cols):
         """Entries (rows[i], cols[i]) of H^-1."""
-        Linv = _tri_solve(self.L, jnp.eye(self.L.shape[0]))
+        Linv = _tri_inv(self.L)
         return jnp.sum(Linv[:, rows] * Linv[:, cols], axis=0)
 
 
@@ -154,6 +200,7 @@ class ArrowLayout(_Layout):
     where_pos: np.ndarray  # original -> position in block/tail
     coupling_keys: np.ndarray  # sorted block * t + tail pos
     coupling_idx: np.ndarray  # c index of each key
+    cmask: np.ndarray  # (m, c): 1 for real coupling columns, 0 for padding
 
     @property
     def kind(self) -> str:
@@ -217,6 +264,9 @@ class ArrowLayout(_Layout):
 
     def factor(self, flat) -> "ArrowFactor":
         D, B, T = self._split(flat)
+        # padded coupling columns never hold values; zeroing them keeps the factor
+        # (and so `logdet_grad`) an exact function of the real entries alone
+        B = B * self.cmask[:, None, :]
         Lh = _chol(D)
         W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
         S = T
@@ -226,16 +276,20 @@ class ArrowLayout(_Layout):
             Lt = _chol(S)
         else:
             Lt = jnp.zeros((0, 0))
-        return ArrowFactor(layout=self, Lh=Lh, W=W, Lt=Lt)
+        return ArrowFactor(layout=self, flat=flat, Lh=Lh, W=W, Lt=Lt)
 
 
 class ArrowFactor(eqx.Module):
     layout: ArrowLayout = eqx.field(static=True)
+    flat: jax.Array
     Lh: jax.Array
     W: jax.Array
     Lt: jax.Array
 
     def logdet(self):
+        return logdet(self.layout, self.flat)
+
+    def _logdet(self):
         return 2.0 * (_logdiag(self.Lh) + _logdiag(self.Lt))
 
     def ok(self):
@@ -278,6 +332,36 @@ class ArrowFactor(eqx.Module):
             xh, xt = xh[..., 0], xt[..., 0]
         return self._scatter(xh, xt)
 
+    def _selected_inverse(self):
+        """Sigma = H^-1 on the arrow's storage: head blocks ``(m, k, k)``, head-tail
+        coupling ``(m, k, c)`` and tail ``(t, t)``.
+
+        With ``H = [[D, B], [B', T]]``, ``S = T - B' D^-1 B = Lt Lt'`` and
+        ``V = D^-1 B = Lh^-T W``: ``Sigma_tail = S^-1``, ``Sigma_head-tail =
+        -V S^-1`` and ``Sigma_head = D^-1 + V S^-1 V'``, each needed only on the
+        coupling columns of its block.
+        """
+        lay = self.layout
+        Lhinv = _tri_inv(self.Lh)  # (m, k, k)
+        head = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)  # D^-1 blocks
+        if not lay.t:
+            return head, jnp.zeros((lay.m, lay.k, 0)), jnp.zeros((0, 0))
+        Ltinv = _tri_inv(self.Lt)
+        Sinv = Ltinv.T @ Ltinv
+        cols = lay.cols[:, : lay.c]
+        Scc = Sinv[cols[:, :, None], cols[:, None, :]]  # (m, c, c)
+        V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # (m, k, c)
+        VS = jnp.einsum("mic,mcd->mid", V, Scc)
+        head = head + jnp.einsum("mid,mld->mil", VS, V)
+        return head, -VS, Sinv
+
+    def logdet_grad(self):
+        """d logdet / d flat: Sigma on the head blocks and the tail (both triangles
+        stored), twice Sigma on the coupling (stored once for both triangles)."""
+        head, coup, tail = self._selected_inverse()
+        coup = 2.0 * coup * self.layout.cmask[:, None, :]
+        return jnp.concatenate([head.reshape(-1), coup.reshape(-1), tail.reshape(-1)])
+
     def inverse_entries(self, rows, cols):
         """Entries (rows[i], cols[i]) of H^-1 for pairs inside one head block or
         inside the tail (the selected inverse on the arrow's own pattern)."""
@@ -286,15 +370,8 @@ class ArrowFactor(eqx.Module):
         br, bc = lay.where_block[rows], lay.where_block[cols]
         if np.any((br != bc) | ((br < 0) != (bc < 0))):
             raise NotImplementedError("inverse entries across arrow blocks")
-        Lhinv = jax.vmap(lambda L: _tri_solve(L, jnp.eye(lay.k)))(self.Lh)  # (m,k,k)
-        head = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)  # D^-1 blocks
-        if lay.t:
-            Ltinv = _tri_solve(self.Lt, jnp.eye(lay.t))
-            Sinv = Ltinv.T @ Ltinv
-            Scc = Sinv[lay.cols[:, :, None], lay.cols[:, None, :]]
-            V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)
-            head = head + jnp.einsum("mic,mcd,mld->mil", V, Scc, V)
-        else:
+        head, _, Sinv = self._selected_inverse()
+        if not lay.t:
             Sinv = jnp.zeros((1, 1))
         pr, pc = lay.where_pos[rows], lay.where_pos[cols]
         hb = np.maximum(br, 0)
@@ -304,20 +381,8 @@ class ArrowFactor(eqx.Module):
 
     def diag_inverse(self):
         """Diagonal of H^-1 without forming it (selected inversion of the arrow)."""
-        lay = self.layout
-        Lhinv = jax.vmap(lambda L: _tri_solve(L, jnp.eye(lay.k)))(self.Lh)  # (m,k,k)
-        dh = jnp.sum(Lhinv**2, axis=1)  # diag of D^-1 blocks: (m, k)
-        if lay.t:
-            Ltinv = _tri_solve(self.Lt, jnp.eye(lay.t))
-            Sinv = Ltinv.T @ Ltinv
-            # head: Lh^-T (I + W Sinv_cc W^T) Lh^-1; extra term's diagonal
-            Scc = Sinv[lay.cols[:, :, None], lay.cols[:, None, :]]  # (m,c,c)
-            V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # Lh^-T W : (m,k,c)
-            dh = dh + jnp.einsum("mic,mcd,mid->mi", V, Scc, V)
-            dt = jnp.diagonal(Sinv)
-        else:
-            dt = jnp.zeros((0,))
-        return self._scatter(dh, dt)
+        head, _, Sinv = self._selected_inverse()
+        return self._scatter(jnp.diagonal(head, axis1=1, axis2=2), jnp.diagonal(Sinv))
 
 
 def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -> ArrowLayout:
@@ -358,8 +423,10 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -
     cidx = np.arange(len(keys)) - first
     c = int(cidx.max()) + 1 if len(keys) else 0
     colsarr = np.zeros((m, max(c, 1) if t else 0), np.int64)
+    cmask = np.zeros((m, c))
     if len(keys):
         colsarr[kb, cidx] = keys % t
+        cmask[kb, cidx] = 1.0
     # the Schur complement's updates: only real coupling pairs of each block (a
     # padded c x c block per head block wastes work when couplings vary in number),
     # sorted by destination so the scatter is a sorted segment sum
@@ -375,7 +442,7 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -
     else:
         pair_b = pair_i = pair_j = pair_dest = np.zeros(0, np.int64)
     return ArrowLayout(
-        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr,
+        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr, cmask=cmask,
         where_block=where_block, where_pos=where_pos, coupling_keys=keys, coupling_idx=cidx,
         pair_b=pair_b.astype(np.int32), pair_i=pair_i.astype(np.int32), pair_j=pair_j.astype(np.int32),
         pair_dest=pair_dest.astype(np.int32),
@@ -469,15 +536,19 @@ class BandedLayout(_Layout):
 
         _, (Ls, Ms) = jax.lax.scan(step, L0, (D[1:], C))
         L = jnp.concatenate([L0[None], Ls])
-        return BandedFactor(layout=self, L=L, M=Ms)
+        return BandedFactor(layout=self, flat=flat, L=L, M=Ms)
 
 
 class BandedFactor(eqx.Module):
     layout: BandedLayout = eqx.field(static=True)
+    flat: jax.Array
     L: jax.Array  # (nb, s, s)
     M: jax.Array  # (nb - 1, s, s): block (i + 1, i) of the factor
 
     def logdet(self):
+        return logdet(self.layout, self.flat)
+
+    def _logdet(self):
         return 2.0 * _logdiag(self.L)
 
     def ok(self):
@@ -515,22 +586,41 @@ class BandedFactor(eqx.Module):
         x = x[lay.iperm]
         return x[:, 0] if vec else x
 
-    def diag_inverse(self):
-        """Diagonal of H^-1 by the block Takahashi recursion (backwards)."""
-        lay = self.layout
-        eye = jnp.eye(lay.s)
-        Linv = jax.vmap(lambda L: _tri_solve(L, eye))(self.L)
-        last = Linv[-1].T @ Linv[-1]
+    def _selected_inverse(self):
+        """Diagonal blocks ``(nb, s, s)`` and sub-diagonal blocks ``(nb - 1, s, s)``
+        of Sigma = H^-1, by the block Takahashi recursion (backwards)::
+
+            Sigma_{i+1,i} = -Sigma_{i+1,i+1} Y_i,          Y_i = M_i L_i^-1
+            Sigma_{i,i}   = L_i^-T L_i^-1 - Y_i' Sigma_{i+1,i}
+
+        (from ``Sigma L = L^-T``). Everything that does not depend on the
+        recursion is batched outside the scan, whose steps are two matrix
+        products (triangular solves inside the scan run slower on CPU).
+        """
+        Linv = _tri_inv(self.L)
+        P = jnp.einsum("bji,bjl->bil", Linv, Linv)  # L_i^-T L_i^-1
+        Y = self.M @ Linv[:-1]
 
         def step(Snext, inp):
-            Li_inv, Mnext = inp
-            # Sigma_{i+1,i} = -Sigma_{i+1,i+1} M_{i+1} L_i^-1
-            Sol = -Snext @ Mnext @ Li_inv
-            Sii = Li_inv.T @ Li_inv - Li_inv.T @ Mnext.T @ Sol
-            return Sii, jnp.diagonal(Sii)
+            Pi, Yi = inp
+            Sub = -Snext @ Yi
+            Sii = Pi - Yi.T @ Sub
+            return Sii, (Sii, Sub)
 
-        _, ds = jax.lax.scan(step, last, (Linv[:-1], self.M), reverse=True)
-        d = jnp.concatenate([ds, jnp.diagonal(last)[None]]).reshape(-1)[: lay.n]
+        _, (Sd, Ssub) = jax.lax.scan(step, P[-1], (P[:-1], Y), reverse=True)
+        return jnp.concatenate([Sd, P[-1:]]), Ssub
+
+    def logdet_grad(self):
+        """d logdet / d flat: Sigma on the diagonal blocks (both triangles stored),
+        twice Sigma on the sub-diagonal blocks (stored once for both triangles)."""
+        Sd, Ssub = self._selected_inverse()
+        return jnp.concatenate([Sd.reshape(-1), 2.0 * Ssub.reshape(-1)])
+
+    def diag_inverse(self):
+        """Diagonal of H^-1 (the selected inverse's diagonal blocks)."""
+        lay = self.layout
+        Sd, _ = self._selected_inverse()
+        d = jnp.diagonal(Sd, axis1=1, axis2=2).reshape(-1)[: lay.n]
         return d[lay.iperm]
 
 
