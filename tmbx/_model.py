@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -27,6 +28,13 @@ from ._hessian import ColoredHessian, LatentGaussianHessian
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
+
+
+def _tracing() -> bool:
+    """Whether a JAX transformation (jit, vmap, grad) is being traced right now."""
+    from jax._src import core  # no public equivalent; checked by tests/test_lmm_profiled.py
+
+    return not core.trace_state_clean()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +93,7 @@ class Model:
                  report=None, simulate=None, latent_gaussian: LatentGaussian | None = None,
                  layout: str | None = None, inner: InnerOptions = InnerOptions(),
                  outer: BFGSOptions = BFGSOptions(), nagq: int = 1, groups=None,
-                 quadratic: bool = False):
+                 quadratic: bool = False, check: bool = True):
         if nll is None and latent_gaussian is None:
             raise TypeError("Model needs a template: nll(p, d) or latent_gaussian=LatentGaussian(...)")
         if nll is None:
@@ -102,21 +110,15 @@ class Model:
         self.f = lambda x, u, d: nll(space.unflatten(x, u), d)
         x0 = jnp.asarray(space.start("x"))
         u0 = jnp.asarray(space.start("u"))
-        self._check_template(x0, u0)
-        if space.n_u:
-            if latent_gaussian is not None:
-                lg = latent_gaussian
-                hess = LatentGaussianHessian(
-                    lambda x, u, d: lg.eta(space.unflatten(x, u), d),
-                    lambda e, x, u, d: lg.obs_nll(e, space.unflatten(x, u), d),
-                    lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
-                    x0, u0, self.data, layout_kind=layout, jacobian=lg.jacobian,
-                )
-            else:
-                hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)
-            self.laplace = Laplace(self.f, hess, space.n_u, inner, quadratic=quadratic)
-        else:
-            self.laplace = None
+        if check:
+            self._check_template(x0, u0)
+        # the sparse Hessian's pattern, colouring and layout are built on first use:
+        # a caller that fits another way (tmbx.glmm's profiled least squares for
+        # linear mixed models) never pays for them
+        self._laplace_args = (latent_gaussian, layout, inner, quadratic)
+        self._laplace = None
+        if check:
+            self.laplace  # a user's template: pattern problems surface here, at once
         self.agq = None
         if nagq != 1 or groups is not None:
             # adaptive Gauss-Hermite quadrature over conditionally independent blocks
@@ -127,6 +129,49 @@ class Model:
         self._compile()
 
     # ------------------------------------------------------------------ setup
+    @property
+    def laplace(self) -> Laplace | None:
+        """The Laplace machinery (inner Newton, sparse Hessian, implicit gradient);
+        None for a template without random effects."""
+        if self._laplace is None and self.space.n_u:
+            if _tracing():
+                # first use inside a jit trace (e.g. the profile of a linear mixed model
+                # fitted by least squares): the sparsity detection must trace the template
+                # on its own, so it runs on a fresh thread, whose trace state is clean
+                box = {}
+
+                def build():
+                    try:
+                        box["laplace"] = self._build_laplace()
+                    except BaseException as e:  # noqa: BLE001 - re-raised below
+                        box["error"] = e
+
+                worker = threading.Thread(target=build)
+                worker.start()
+                worker.join()
+                if "error" in box:
+                    raise box["error"]
+                self._laplace = box["laplace"]
+            else:
+                self._laplace = self._build_laplace()
+        return self._laplace
+
+    def _build_laplace(self):
+        lg, layout, inner, quadratic = self._laplace_args
+        space = self.space
+        x0 = jnp.asarray(space.start("x"))
+        u0 = jnp.asarray(space.start("u"))
+        if lg is not None:
+            hess = LatentGaussianHessian(
+                lambda x, u, d: lg.eta(space.unflatten(x, u), d),
+                lambda e, x, u, d: lg.obs_nll(e, space.unflatten(x, u), d),
+                lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
+                x0, u0, self.data, layout_kind=layout, jacobian=lg.jacobian,
+            )
+        else:
+            hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)
+        return Laplace(self.f, hess, space.n_u, inner, quadratic=quadratic)
+
     def _check_template(self, x0, u0):
         try:
             out = jax.eval_shape(self.f, x0, u0, self.data)

@@ -53,7 +53,9 @@ class BFGSOptions(eqx.Module):
     ``gtol``: converged when ``max|g| <= gtol * max(1, |f|)``; ``max_step``: the
     largest change of any parameter in one iteration; ``max_evals``: objective
     evaluations in all; ``polish``: finish with a Newton step on a
-    finite-difference Hessian of the exact gradient (step ``fd_step``).
+    finite-difference Hessian of the exact gradient (step ``fd_step``);
+    ``jac_aux``: with ``polish``, also difference the first ``jac_aux`` entries of
+    a 1-D ``aux`` at the same points (their Jacobian in x, ``aux_jacobian``).
     """
 
     max_evals: int = 1000
@@ -63,6 +65,8 @@ class BFGSOptions(eqx.Module):
     max_halvings: int = 30
     polish: bool = True
     fd_step: float = 1e-4
+    jac_aux: int = 0
+    max_expand: int = 5
 
 
 def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
@@ -119,23 +123,37 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         done_ini = ini & (~finite_t | small_grad(ft, gt))
 
 
-        # ---- line search phase
+        # ---- line search phase: Armijo backtracking, and expansion (step x4, at
+        # most max_expand times) while the slope along p stays steep (the weak
+        # Wolfe curvature condition fails). Without expansion a flat or concave
+        # stretch gives s'y <= 0, the BFGS update is skipped and the same short
+        # step repeats for dozens of iterations.
         slope = jnp.dot(g, p)
         armijo = finite_t & (ft <= f + 1e-4 * a * slope)
         ls = phase == _LINESEARCH
-        acc = ls & armijo
-        s = xt - x
-        y = gt - g
+        expanding = st["nexp"] > 0
+        improve = armijo & (~expanding | (ft < st["fb"]))
+        steep = jnp.dot(gt, p) < 0.9 * slope
+        expand = ls & improve & steep & (st["halvings"] == 0) & (st["nexp"] < opt.max_expand)
+        use_best = ls & expanding & ~improve
+        acc = ls & ((improve & ~expand) | use_best)
+        # the accepted candidate: this point, or the best point of the expansion
+        xc = jnp.where(use_best, st["xb"], xt)
+        fc = jnp.where(use_best, st["fb"], ft)
+        gc = jnp.where(use_best, st["gb"], gt)
+        auxc = jax.tree_util.tree_map(lambda b, t: jnp.where(use_best, b, t), st["auxb"], auxt)
+        s = xc - x
+        y = gc - g
         sy = jnp.dot(s, y)
         H0 = jnp.where(st["first"], eye * sy / jnp.maximum(jnp.dot(y, y), 1e-300), Hinv)
         rho = 1.0 / jnp.where(sy > 0, sy, 1.0)
         V = eye - rho * jnp.outer(s, y)
         upd = sy > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y)
         Hacc = jnp.where(upd, V @ H0 @ V.T + rho * jnp.outer(s, s), H0)
-        tiny = jnp.abs(f - ft) <= opt.ftol * jnp.maximum(1.0, jnp.abs(ft))
+        tiny = jnp.abs(f - fc) <= opt.ftol * jnp.maximum(1.0, jnp.abs(fc))
         nsmall_acc = jnp.where(tiny, st["nsmall"] + 1, 0)
-        conv_acc = small_grad(ft, gt) | (nsmall_acc >= 3)
-        p_acc = direction(Hacc, gt, False)
+        conv_acc = small_grad(fc, gc) | (nsmall_acc >= 3)
+        p_acc = direction(Hacc, gc, False)
         # backtracking
         q = -slope * a * a / (2.0 * (ft - f - slope * a))
         a_bt = jnp.where(jnp.isfinite(q) & jnp.isfinite(ft), jnp.clip(q, 0.1 * a, 0.5 * a), 0.25 * a)
@@ -149,6 +167,11 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         i = jnp.minimum(k // 2, n - 1)
         contrib = jnp.where(k % 2 == 0, gt, -gt) / (2.0 * fd_h(x)[i])
         G = jnp.where(hs, st["G"].at[i].add(contrib), st["G"])
+        if opt.jac_aux:
+            ca = jnp.where(k % 2 == 0, auxt[: opt.jac_aux], -auxt[: opt.jac_aux]) / (2.0 * fd_h(x)[i])
+            JA = jnp.where(hs, st["JA"].at[:, i].add(ca), st["JA"])
+        else:
+            JA = st["JA"]
         k_next = jnp.where(hs, k + 1, k)
         hs_done = hs & (k_next >= 2 * n)
         Hfd = 0.5 * (G + G.T)
@@ -164,7 +187,8 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
 
         # ---- next state
         finish_ok = acc & conv_acc
-        finish_fail = ls & ~armijo & gave_up
+        fail_ls = ls & ~armijo & ~expanding
+        finish_fail = fail_ls & gave_up
         to_hessian = (finish_ok | finish_fail) & polish
         status = jnp.where(finish_ok, OUTER_OK, st["status"])
         status = jnp.where(finish_fail, jnp.where(small_grad(f, g * 1e-3), OUTER_OK, OUTER_LINESEARCH), status)
@@ -172,27 +196,33 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         status = jnp.where(ini, jnp.where(finite_t, jnp.where(done_ini, OUTER_OK, OUTER_MAXITER),
                                           OUTER_NONFINITE), status)
         to_hessian = to_hessian | (done_ini & finite_t & polish)
-        new_x = jnp.where(take, xt, x)
+        new_x = jnp.where(acc, xc, jnp.where(take, xt, x))
         phase_next = jnp.where(
             ini, jnp.where(done_ini, jnp.where(finite_t & polish, _HESSIAN, _DONE), _LINESEARCH),
             jnp.where(to_hessian, _HESSIAN,
             jnp.where((finish_ok | finish_fail) & ~polish, _DONE,
                       jnp.where(hs_done, jnp.where(good_step, _NEWTON, _DONE),
                                 jnp.where(nw, _DONE, phase)))))
-        restart = ls & ~armijo & exhausted & ~gave_up
-        backtrack = ls & ~armijo & ~exhausted
-        a_next = jnp.where(acc | restart, 1.0, jnp.where(backtrack, a_bt, a))
+        restart = fail_ls & exhausted & ~gave_up
+        backtrack = fail_ls & ~exhausted
+        a_next = jnp.where(acc | restart, 1.0, jnp.where(backtrack, a_bt, jnp.where(expand, 4.0 * a, a)))
         p_next = jnp.where(ini, p_ini, jnp.where(acc, p_acc, jnp.where(restart, p_sd, p)))
         xt_next = jnp.where(ini, jnp.where(done_ini, fd_point(xt, 0), xt + p_ini),
-                  jnp.where(acc & ~conv_acc, xt + p_acc,
+                  jnp.where(acc & ~conv_acc, xc + p_acc,
+                   jnp.where(expand, x + 4.0 * a * p,
                    jnp.where(backtrack, x + a_bt * p,
                    jnp.where(restart, x + p_sd,
                    jnp.where(to_hessian, fd_point(new_x, 0),
                    jnp.where(hs & ~hs_done, fd_point(x, k_next),
-                   jnp.where(hs_done, x - jnp.where(good_step, step, 0.0), xt)))))))
+                   jnp.where(hs_done, x - jnp.where(good_step, step, 0.0), xt))))))))
         return dict(
-            x=new_x, f=jnp.where(take, ft, f), g=jnp.where(take, gt, g),
-            aux=jax.tree_util.tree_map(lambda a1, a0: jnp.where(take, a1, a0), auxt, st["aux"]),
+            x=new_x, f=jnp.where(acc, fc, jnp.where(take, ft, f)), g=jnp.where(acc, gc, jnp.where(take, gt, g)),
+            aux=jax.tree_util.tree_map(lambda c1, a1, a0: jnp.where(acc, c1, jnp.where(take, a1, a0)),
+                                       auxc, auxt, st["aux"]),
+            xb=jnp.where(expand, xt, st["xb"]), fb=jnp.where(expand, ft, jnp.where(acc, jnp.inf, st["fb"])),
+            gb=jnp.where(expand, gt, st["gb"]),
+            auxb=jax.tree_util.tree_map(lambda a1, b0: jnp.where(expand, a1, b0), auxt, st["auxb"]),
+            nexp=jnp.where(expand, st["nexp"] + 1, jnp.where(acc, 0, st["nexp"])),
             Hinv=jnp.where(acc, Hacc, jnp.where(restart, eye, Hinv)),
             p=p_next, a=a_next, xt=xt_next,
             halvings=jnp.where(backtrack, st["halvings"] + 1, jnp.where(acc | restart, 0, st["halvings"])),
@@ -201,6 +231,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
             nfail=jnp.where(acc, 0, jnp.where(restart, st["nfail"] + 1, st["nfail"])),
             k=jnp.where(to_hessian, 0, k_next), G=jnp.where(to_hessian, 0.0, G),
             H=jnp.where(hs_done, Hfd, st["H"]),
+            JA=jnp.where(to_hessian, 0.0, JA), JAfin=jnp.where(hs_done, JA, st["JAfin"]),
             evals=st["evals"] + 1, status=status, phase=phase_next,
         )
 
@@ -212,8 +243,13 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         p=jnp.zeros_like(x0), a=jnp.asarray(1.0), xt=x0,
         halvings=jnp.asarray(0), first=jnp.asarray(True), nsmall=jnp.asarray(0), nfail=jnp.asarray(0),
         k=jnp.asarray(0), G=jnp.zeros((n, n)), H=jnp.zeros((n, n)), evals=jnp.asarray(0),
+        JA=jnp.zeros((opt.jac_aux, n)), JAfin=jnp.zeros((opt.jac_aux, n)),
+        xb=x0, fb=jnp.asarray(jnp.inf, x0.dtype), gb=jnp.zeros_like(x0), auxb=aux0, nexp=jnp.asarray(0),
         status=jnp.asarray(OUTER_MAXITER), phase=jnp.asarray(_INIT),
     )
     st = jax.lax.while_loop(cond, body, st)
-    return dict(x=st["x"], f=st["f"], g=st["g"], aux=st["aux"], status=st["status"],
-                iterations=st["evals"], hessian=st["H"])
+    out = dict(x=st["x"], f=st["f"], g=st["g"], aux=st["aux"], status=st["status"],
+               iterations=st["evals"], hessian=st["H"])
+    if opt.jac_aux:
+        out["aux_jacobian"] = st["JAfin"]
+    return out

@@ -14,6 +14,7 @@ import pandas as pd
 from .._internal import LazyModule
 
 sst = LazyModule("scipy.stats")
+scipy_special = LazyModule("scipy.special")
 
 from ._design import new_design
 
@@ -132,22 +133,27 @@ class GlmmFit:
 
     def _reml_cov(self, cov):
         sp = self.model.space
-        lap = self.model.laplace
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
         names = [n for n in ("beta", "betazi") if n in sp.random]
         cols = np.concatenate([sp.index[n] for n in names])
         labels = [(n, i) for n in names for i in range(len(sp.index[n]))]
         V = np.nan_to_num(cov.to_numpy())
+        lmm = getattr(self._fit, "_lmm", None)
+        if lmm is not None:
+            # profiled least squares: the same blocks from the cross-products
+            Hinv, J = lmm.reml_beta_parts(self._fit.x)
+        else:
+            lap = self.model.laplace
 
-        @jax.jit
-        def core(x, u):
-            F = lap.factor(x, u, d)
-            E = jnp.zeros((u.shape[0], len(cols))).at[cols, jnp.arange(len(cols))].set(1.0)
-            Hinv = F.solve(E)[cols]
-            J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)[cols] if x.shape[0] else jnp.zeros((len(cols), 0))
-            return Hinv, J
+            @jax.jit
+            def core(x, u):
+                F = lap.factor(x, u, d)
+                E = jnp.zeros((u.shape[0], len(cols))).at[cols, jnp.arange(len(cols))].set(1.0)
+                Hinv = F.solve(E)[cols]
+                J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)[cols] if x.shape[0] else jnp.zeros((len(cols), 0))
+                return Hinv, J
 
-        Hinv, J = (np.asarray(a) for a in core(x, u))
+            Hinv, J = (np.asarray(a) for a in core(x, u))
         Cbb = Hinv + J @ V @ J.T
         Cbx = J @ V
         idx = pd.MultiIndex.from_tuples(labels + list(cov.index))
@@ -386,6 +392,30 @@ class GlmmFit:
             return np.asarray(self.family.deviance_residuals(y, eta, disp=disp, psi=p.get("psi"), trials=trials))
         raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
 
+    def refit(self, newresp=None) -> "GlmmFit":
+        """Fit the same model again (lme4's and glmmTMB's ``refit``), to ``newresp`` (a
+        response vector for the same rows) or to the same response: the compiled
+        program is reused, so this is the time of the optimization alone."""
+        import dataclasses as dc
+
+        from .._model import Fit
+
+        design = self.design
+        y = np.asarray(design.y if newresp is None else newresp, float).reshape(-1)
+        if y.shape != np.shape(design.y):
+            raise ValueError(f"newresp has {y.size} values; the model was fitted to {np.size(design.y)} rows")
+        self.family.check_support(y, design.trials)
+        lmm = getattr(self._fit, "_lmm", None)
+        fit = None if lmm is None else lmm.fit_model(y=y)
+        if fit is None:
+            model = self.model
+            data = dict(model.data, y=jnp.asarray(y))
+            x0, u0 = model._starts(None)
+            fit = Fit(model, data, jax.tree_util.tree_map(np.asarray, model._fit_core(x0, u0, data)))
+            fit._warn()
+        template = self.template if newresp is None else dc.replace(self.template, design=dc.replace(design, y=y))
+        return GlmmFit(template, fit, self.formula, dict(self.call))
+
     def simulate(self, nsim: int = 1, seed: int = 0) -> np.ndarray:
         """Simulate responses with new random effects (glmmTMB's ``simulate``): (nsim, N)."""
         if nsim < 1:
@@ -407,7 +437,7 @@ class GlmmFit:
         est = self.fixef[component]
         se = self.se()[component]
         z = est / se
-        p = 2 * sst.norm.sf(np.abs(z))
+        p = scipy_special.erfc(np.abs(z) / math.sqrt(2.0))  # 2 P(Z > |z|), without importing scipy.stats
         return pd.DataFrame({"Estimate": est, "Std. Error": se, "z value": z, "Pr(>|z|)": p})
 
     def confint(self, method="wald", level=0.95, parm=None, **kwargs) -> pd.DataFrame:

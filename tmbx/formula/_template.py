@@ -229,7 +229,7 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     if groups is not None:
         kw.update(nagq=nagq, groups=groups)
     model = Model(None, params, data=data, random=random, map=map, latent_gaussian=lg,
-                  layout=layout, quadratic=quadratic and groups is None, **kw)
+                  layout=layout, quadratic=quadratic and groups is None, check=False, **kw)
     return Template(model, fam, design, terms_c + terms_z, params, names, reml, prior_nll, parsed_priors)
 
 

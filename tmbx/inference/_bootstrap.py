@@ -111,6 +111,15 @@ def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
     Returns stacked x, u, f, status and converged (numpy)."""
     from tqdm.auto import tqdm
 
+    lmm = getattr(fit._fit, "_lmm", None)
+    if lmm is not None and lmm.relative:
+        # a linear mixed model fitted by profiled least squares: its refits need only
+        # each response's cross-products with the design, and no Laplace machinery
+        bar = tqdm(total=sims.n, desc=desc, disable=not progress or sims.n <= batch_size, leave=False)
+        out = lmm.refit_many(sims(0, sims.n), fit._fit.x, batch_size, bar)
+        bar.close()
+        out["converged"] = np.isfinite(out["f"]) & ((out["status"] == 0) | (out["gmax"] <= _GRAD_OK))
+        return out
     model, d = fit.model, fit.model.data
     x_hat, u_hat = np.asarray(fit._fit.x), np.asarray(fit._fit.u)
     L = jnp.asarray(wald_factor(fit))
