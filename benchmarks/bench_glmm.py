@@ -1,7 +1,9 @@
 """Benchmark: tmbx.glmm (the formula front end) side by side with its peers.
 
-    python benchmarks/bench_glmm.py                      # every case (about 40 min on 2 cores)
+    python benchmarks/bench_glmm.py                      # every case but the 1e6/5e6 ladder (about 40 min on 2 cores)
     python benchmarks/bench_glmm.py --quick              # the small reference cases only (about 20 min)
+    python benchmarks/bench_glmm.py --large              # the 1e6/5e6 ladder, tmbx only (hours)
+    python benchmarks/bench_glmm.py --large --peers-large   # ... and glmm (PyPI) run beside it
     python benchmarks/bench_glmm.py --cases insteval_crossed,ladder_crossed_1e5
     python benchmarks/bench_glmm.py --tools tmbx_cold,tmbx_warm --cases salamanders_zip
     python benchmarks/bench_glmm.py --table              # print the table of the saved results
@@ -17,12 +19,21 @@ crossed levels), and the 1e5-row scale ladder of
 - ``ladder_crossed_1e5``: Gaussian (ML) ``y ~ x + (1|a) + (1|b)``, 14,285 x 948 levels;
 - ``ladder_crossbin_1e5``: the same design, Bernoulli response (logit).
 
+The larger rungs, run only with ``--large`` or when named in ``--cases``:
+``ladder_single_1e6``, ``ladder_crossed_1e6``, ``ladder_crossbin_1e6``,
+``ladder_crossed_5e6`` (713,591 x 6,708 levels) and ``ladder_crossbin_5e6``, same
+models. On these, glmmTMB, lme4 and mixedlm are not run (up to half an hour per fit
+at 1e6): the times in ``peers.json`` stand in for them, printed with a ``*``,
+"published, not re-run" (glmm's too, unless ``--peers-large`` runs it; ``--peers-large
+glmm,lme4`` names others; peers.json has no times for ``ladder_crossbin_5e6``). They
+get one repeated fit, no warm-up, and a 3 h timeout per subprocess.
+
 Every measurement runs in a FRESH subprocess, one at a time:
 
 - ``tmbx_cold``: ``TMBX_NO_CACHE=1`` (JAX's persistent compilation cache off):
   ``import tmbx`` time, the first ``tmbx.glmm(...)`` call (formula, design,
   template, XLA compilation and the fit), split into design / template / fit
-  phases, then the repeated fit ``fit.model.fit()`` in the same process (the
+  phases, then the repeated fit ``fit.refit()`` in the same process (the
   compiled program: median of a few calls);
 - ``tmbx_warm``: the same with the default cache (``~/.cache/tmbx``), after one
   priming process has filled it for this case;
@@ -31,6 +42,11 @@ Every measurement runs in a FRESH subprocess, one at a time:
 - ``glmm`` and ``mixedlm`` (PyPI) where they fit the model (no zero-inflation,
   dispersion models, structured covariances or negative binomials): first fit
   and the median of repeated fits in the same process.
+
+Every worker reports its peak memory (``peak_rss_mb``, MB of 2^20 bytes): a Python
+worker its own ``ru_maxrss`` (``getrusage(RUSAGE_SELF)``, the whole process: imports,
+data, fits); an R worker is measured from here, by GNU time's ``%M`` (falling back to
+``getrusage(RUSAGE_CHILDREN)``).
 
 The tmbx workers import tmbx, tmbx.families and tmbx.covstructs from this
 checkout (`use_working_tree`), whatever copy is installed in editable mode.
@@ -43,9 +59,11 @@ Known disagreements that are the peer's, not tmbx's: lme4's and mixedlm's Gamma
 log-likelihood (cake_gamma; glmer's Gamma logLik uses its own dispersion
 estimate), and lme4's glmer stopping early on the crossed Bernoulli ladder
 (logLik 0.05 lower than glmmTMB, glmm, mixedlm and tmbx, which agree).
-Ratios are peer time / tmbx time. Results are merged, case by case, into
-``benchmarks/results/glmm.json``; run subsets one after another and the file
-accumulates. The machine's 1-minute load average is recorded with each case:
+Ratios are peer time / tmbx time; ``benchmarks/results/glmm_ratios.png`` draws
+them (log scale, per case and peer: against tmbx's repeated fit and against its
+first fit with a warm cache), rewritten with every table. Results are merged, case by
+case, into ``benchmarks/results/glmm.json``; run subsets one after another and the
+file accumulates. The machine's 1-minute load average is recorded with each case:
 on a shared machine, compare tools measured side by side only.
 """
 
@@ -56,6 +74,8 @@ import glob
 import json
 import os
 import re
+import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,23 +91,27 @@ RESULTS = os.path.join(HERE, "results", "glmm.json")
 R_SCRIPT = os.path.join(HERE, "r_glmm_fit.R")
 SCALE_GEN = "/work/shared/reference/scale/make_scale_data.py"
 PEERS_JSON = "/work/shared/reference/scale/peers.json"
+TIME_BIN = "/usr/bin/time"  # GNU time: the peak RSS (%M) of an Rscript worker
 MARK = "@@RESULT@@"
 TOL = 1e-3
+TIMEOUT, LARGE_TIMEOUT = 600, 3 * 3600  # default seconds per subprocess: small cases, LARGE_LADDER
 XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 XLA_WORKAROUND = False
 TOOLS = ["tmbx_cold", "tmbx_warm", "glmmTMB", "lme4", "glmm", "mixedlm"]
 PEERS = ["glmmTMB", "lme4", "glmm", "mixedlm"]
 
 # ----------------------------------------------------------------------------- cases
-LADDER = {
-    "ladder_single_1e5": dict(kind="single", formula="y ~ x + (1 + x|g)", family="poisson", factors=["g"]),
-    "ladder_crossed_1e5": dict(kind="crossed", formula="y ~ x + (1|a) + (1|b)", family="gaussian",
-                               factors=["a", "b"]),
-    "ladder_crossbin_1e5": dict(kind="crossbin", formula="y ~ x + (1|a) + (1|b)", family="binomial",
-                                factors=["a", "b"]),
+LADDER_MODELS = {
+    "single": dict(formula="y ~ x + (1 + x|g)", family="poisson", factors=["g"]),
+    "crossed": dict(formula="y ~ x + (1|a) + (1|b)", family="gaussian", factors=["a", "b"]),
+    "crossbin": dict(formula="y ~ x + (1|a) + (1|b)", family="binomial", factors=["a", "b"]),
 }
-LARGE = {"insteval_crossed", *LADDER}
-
+LADDER_SIZES = [("single", "1e5"), ("crossed", "1e5"), ("crossbin", "1e5"),
+                ("single", "1e6"), ("crossed", "1e6"), ("crossbin", "1e6"), ("crossed", "5e6"), ("crossbin", "5e6")]
+LADDER = {f"ladder_{kind}_{n}": dict(kind=kind, N=n, **LADDER_MODELS[kind]) for kind, n in LADDER_SIZES}
+# run only with --large or when named in --cases; peers not re-run (peers.json's times instead)
+LARGE_LADDER = {cid for cid, spec in LADDER.items() if spec["N"] != "1e5"}
+LARGE = {"insteval_crossed", *LADDER}  # not in --quick; fewer repeats
 # Peers' spellings of a model where theirs differs from glmmTMB's (same model, same
 # likelihood): None = the peer cannot fit it. `derive`: columns computed first
 # (pandas eval); `weights`: a column of prior weights.
@@ -109,12 +133,17 @@ LME4_FAMILIES = {"gaussian", "binomial", "poisson", "Gamma(link='log')"}
 STRUCTURES = re.compile(r"\b(diag|cs|rr|ar1|exp|ou|gau|mat|toep|us|homdiag|homcs|propto|pos)\(")
 
 
-def ladder_csv(kind: str) -> str:
-    path = os.path.join(BENCH_DATA, f"glmm_ladder_{kind}_1e5.csv")
+def ladder_csv(case: dict) -> str:
+    path = os.path.join(BENCH_DATA, f"glmm_ladder_{case['kind']}_{case['N']}.csv")
     if not os.path.exists(path):
         os.makedirs(BENCH_DATA, exist_ok=True)
-        subprocess.run([sys.executable, SCALE_GEN, kind, "1e5", path], check=True)
+        subprocess.run([sys.executable, SCALE_GEN, case["kind"], case["N"], path], check=True)
     return path
+
+
+def _published_seconds(v) -> float:
+    """peers.json gives one time or a [low, high] range over runs: one number."""
+    return statistics.median(v) if isinstance(v, list) else v
 
 
 def load_cases() -> dict:
@@ -133,13 +162,16 @@ def load_cases() -> dict:
         )
     peers = json.load(open(PEERS_JSON)) if os.path.exists(PEERS_JSON) else {"fits": []}
     for cid, spec in LADDER.items():
-        ref = next((f for f in peers["fits"] if f["case"] == spec["kind"] and f["N"] == "1e5"), {})
+        ref = next((f for f in peers["fits"] if f["case"] == spec["kind"] and f["N"] == spec["N"]), {})
         cases[cid] = dict(
-            id=cid, source="ladder", kind=spec["kind"], csv=None, levels=None, factors=spec["factors"],
-            python_formula=spec["formula"], r_formula=spec["formula"], family=spec["family"],
-            ziformula=None, dispformula=None, REML=False, nobs=100_000,
+            id=cid, source="ladder", kind=spec["kind"], N=spec["N"], csv=None, levels=None,
+            factors=spec["factors"], python_formula=spec["formula"], r_formula=spec["formula"],
+            family=spec["family"], ziformula=None, dispformula=None, REML=False, nobs=int(float(spec["N"])),
             ref_loglik=ref.get("logLik"), ref_peer_seconds=ref.get("seconds"),
         )
+        if cid in LARGE_LADDER:  # the peers' published figures stand in for runs
+            cases[cid]["published_seconds"] = {t: _published_seconds(v) for t, v in ref.get("seconds", {}).items()}
+            cases[cid]["published_peak_mb"] = {t: gb * 1024 for t, gb in ref.get("peak_memory_GB", {}).items()}
     if "insteval" in peers:
         cases["insteval_crossed"]["ref_peer_seconds"] = peers["insteval"]["seconds"]
     return cases
@@ -166,7 +198,7 @@ def _read_frame(case: dict):
     import pandas as pd
 
     if case["source"] == "ladder":
-        df = pd.read_csv(ladder_csv(case["kind"]))
+        df = pd.read_csv(ladder_csv(case))
         for col in case["factors"]:
             df[col] = pd.Categorical(df[col].astype(str), categories=[str(v) for v in sorted(df[col].unique())])
         return df
@@ -179,6 +211,10 @@ def _read_frame(case: dict):
 
 
 def _emit(res: dict):
+    # the worker's peak RSS over its whole life (imports, data, fits). Linux keeps the
+    # larger of the pre- and post-exec peaks, so this is max(driver, worker); the driver
+    # imports only the standard library (about 15 MB), below any worker.
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(MARK, json.dumps(res, default=float), flush=True)
 
 
@@ -284,7 +320,7 @@ def worker_tmbx(case: dict, repeats: int, profile: bool):
         warnings.simplefilter("ignore")
         for _ in range(repeats):
             t = time.perf_counter()
-            f2 = fit.model.fit()
+            f2 = fit.refit()
             times.append(time.perf_counter() - t)
             lls.append(float(f2.loglik))
     if times:
@@ -421,20 +457,56 @@ def _prep(case, pm):
 
 
 # ----------------------------------------------------------------------------- driver
-def _run(cmd, env=None, timeout=600) -> dict:
+def _run(cmd, env=None, timeout=TIMEOUT, child_peak=False) -> dict:
+    """Run one worker in a fresh process and return its result line as a dict.
+
+    child_peak: measure the child's peak RSS from here (for Rscript, which has no
+    getrusage): GNU time's %M where /usr/bin/time exists; else RUSAGE_CHILDREN, which
+    is the largest peak of all children waited for so far, so it is this child's only
+    when it rose during the call (else the peak is left unknown).
+    """
+    peak_file = None
+    if child_peak and os.access(TIME_BIN, os.X_OK):
+        fd, peak_file = tempfile.mkstemp(suffix=".maxrss")
+        os.close(fd)
+        cmd = [TIME_BIN, "-f", "%M", "-o", peak_file, *cmd]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
+    # a session of its own, so that a timeout (or ^C) kills the worker under GNU time too
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(ok=False, error=f"timed out after {timeout} s")
+        stdout, stderr = p.communicate(timeout=timeout)
+    except BaseException as e:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        if peak_file:
+            os.unlink(peak_file)
+        if isinstance(e, subprocess.TimeoutExpired):
+            return dict(ok=False, error=f"timed out after {timeout} s")
+        raise
     wall = time.perf_counter() - t
-    for line in p.stdout.splitlines():
+    peak = None
+    if peak_file:
+        with open(peak_file) as fh:  # the last line; GNU time puts "exited with status" lines first
+            lines = fh.read().split()
+        os.unlink(peak_file)
+        peak = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else None
+    elif child_peak:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak = after / 1024 if after > before else None
+    res = None
+    for line in stdout.splitlines():
         if line.startswith(MARK):
             res = json.loads(line[len(MARK):])
-            res["process_seconds"] = wall
-            return res
-    tail = (p.stderr or p.stdout).strip().splitlines()[-6:]
-    return dict(ok=False, error=f"exit {p.returncode}: " + " | ".join(tail)[-800:], process_seconds=wall)
+            break
+    if res is None:
+        tail = (stderr or stdout).strip().splitlines()[-6:]
+        res = dict(ok=False, error=f"exit {p.returncode}: " + " | ".join(tail)[-800:])
+    res["process_seconds"] = wall
+    if child_peak:
+        res["peak_rss_mb"] = peak
+    return res
 
 
 def _worker_cmd(tool, case_id, repeats, profile=False):
@@ -442,11 +514,13 @@ def _worker_cmd(tool, case_id, repeats, profile=False):
     return cmd + (["--profile"] if profile else [])
 
 
-def run_case(case: dict, tools, timeout: int, profile: bool) -> dict:
+def run_case(case: dict, tools, timeout: int, profile: bool, peers_large=()) -> dict:
+    """Run each tool on one case; on LARGE_LADDER, peers only where named in peers_large."""
     large = case["id"] in LARGE
+    huge = case["id"] in LARGE_LADDER  # 1e6 rows and up: one repeated fit, no warm-up
     out = {}
     if case["source"] == "ladder":
-        ladder_csv(case["kind"])
+        ladder_csv(case)
     env0 = dict(os.environ)
     env0.pop("TMBX_NO_CACHE", None)
     if XLA_WORKAROUND:  # see benchmarks/README.md: jaxlib 0.10.x LAPACK deadlock
@@ -454,8 +528,13 @@ def run_case(case: dict, tools, timeout: int, profile: bool) -> dict:
     for tool in tools:
         t = time.strftime("%H:%M:%S")
         print(f"  [{t}] {case['id']}: {tool} ...", end="", flush=True)
+        if huge and tool in PEERS and tool not in peers_large:
+            # nothing recorded: an earlier --peers-large run of this tool stays in the results
+            pub = case.get("published_seconds", {}).get(tool)
+            print(f" not run; published {_fmt(pub)} s (peers.json)" if pub else " not run")
+            continue
         if tool in ("tmbx_cold", "tmbx_warm"):
-            reps = 3 if large else 5
+            reps = 1 if huge else 3 if large else 5
             env = dict(env0)
             if tool == "tmbx_cold":
                 env["TMBX_NO_CACHE"] = "1"
@@ -470,14 +549,14 @@ def run_case(case: dict, tools, timeout: int, profile: bool) -> dict:
                 out[tool] = dict(ok=False, unsupported=True)
                 print(" n/a")
                 continue
-            spec = dict(tool=tool, csv=case["csv"] or ladder_csv(case["kind"]), levels=case["levels"],
+            spec = dict(tool=tool, csv=case["csv"] or ladder_csv(case), levels=case["levels"],
                         factors=case["factors"], setup=R_SETUP.get(case["id"]), formula=pm["formula"],
                         family=case["family"], ziformula=case["ziformula"], dispformula=case["dispformula"],
                         REML=case["REML"], warmup=0 if large else 1, repeats=1 if large else 5)
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
                 json.dump(spec, fh)
             try:
-                res = _run(["Rscript", R_SCRIPT, fh.name], timeout=timeout)
+                res = _run(["Rscript", R_SCRIPT, fh.name], timeout=timeout, child_peak=True)
             finally:
                 os.unlink(fh.name)
             res["formula"] = pm["formula"]
@@ -487,12 +566,15 @@ def run_case(case: dict, tools, timeout: int, profile: bool) -> dict:
                 print(" n/a")
                 continue
             reps = 5 if not large else (2 if tool == "glmm" else 1)
+            if huge:
+                reps = 1  # glmm: minutes per fit at 5e6
             if large and tool == "mixedlm":
                 reps = 0  # a minute per fit on the ladder: the first fit only
             res = _run(_worker_cmd(tool, case["id"], reps), timeout=timeout)
         out[tool] = res
         if res.get("ok"):
-            print(f" {_fmt(res.get('seconds', res.get('first_seconds')))} s  logLik {res.get('loglik'):.4f}")
+            print(f" {_fmt(res.get('seconds', res.get('first_seconds')))} s  logLik {res.get('loglik'):.4f}  "
+                  f"peak {_mb(res.get('peak_rss_mb'))} MB")
         else:
             print(" FAILED: " + str(res.get("error"))[:300])
     return out
@@ -512,17 +594,27 @@ def summarize(case: dict, res: dict) -> dict:
     if case.get("ref_loglik") is not None:
         s["tmbx_vs_reference_loglik"] = ll - case["ref_loglik"]
     s["agree"], s["ratio_vs_repeated"], s["ratio_vs_first_warm"], s["ratio_vs_first_cold"] = {}, {}, {}, {}
+    # LARGE_LADDER: a peer not run here is represented by its published time (peers.json,
+    # where all tools that finished agree on the logLik: agreement is tmbx's with that logLik)
+    s["published"] = {}
+    peer_t = {}
     for tool in PEERS:
         r = res.get(tool, {})
-        if not r.get("ok"):
+        if r.get("ok"):
+            secs, agree = r["seconds"], abs(r["loglik"] - ll) < TOL
+        elif tool in case.get("published_seconds", {}):
+            secs = s["published"][tool] = case["published_seconds"][tool]
+            agree = case.get("ref_loglik") is not None and abs(case["ref_loglik"] - ll) < TOL
+        else:
             continue
-        s["agree"][tool] = abs(r["loglik"] - ll) < TOL
-        s["ratio_vs_repeated"][tool] = r["seconds"] / rep
+        s["agree"][tool] = agree
+        s["ratio_vs_repeated"][tool] = secs / rep
         if warm.get("ok"):
-            s["ratio_vs_first_warm"][tool] = r["seconds"] / warm["first_seconds"]
+            s["ratio_vs_first_warm"][tool] = secs / warm["first_seconds"]
         if cold.get("ok"):
-            s["ratio_vs_first_cold"][tool] = r["seconds"] / cold["first_seconds"]
-    peer_t = {t: res[t]["seconds"] for t in PEERS if res.get(t, {}).get("ok") and s["agree"].get(t)}
+            s["ratio_vs_first_cold"][tool] = secs / cold["first_seconds"]
+        if agree:
+            peer_t[tool] = secs
     if peer_t:
         best = min(peer_t, key=peer_t.get)
         s["best_peer"] = best
@@ -563,9 +655,13 @@ def _fmt(x, nd=2):
     return f"{x:.{nd}f}"
 
 
+def _mb(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def print_table(results: dict, cases: dict):
     ids = [c for c in cases if c in results]
-    print("\n== tmbx (seconds; fresh process per column; 'repeated' = fit.model.fit() again, median)")
+    print("\n== tmbx (seconds; fresh process per column; 'repeated' = fit.refit(), median)")
     hdr = f"{'case':24s} {'nobs':>7s} {'import':>6s} {'1st cold':>8s} {'1st warm':>8s} {'repeated':>8s} " \
           f"{'design':>6s} {'templ':>6s} {'fit':>6s} {'glmmTMB ref':>11s} {'logLik - ref':>12s}"
     print(hdr)
@@ -582,25 +678,108 @@ def print_table(results: dict, cases: dict):
     print("\n== peers: fit seconds (measured now), ratio = peer / tmbx repeated fit, "
           "[ratio vs tmbx first fit, warm cache]; logLik agreement with tmbx (|diff| < 1e-3)")
     print(f"{'case':24s} " + " ".join(f"{t:>26s}" for t in PEERS))
+    published = False
     for cid in ids:
         r, s = results[cid], results[cid].get("summary", {})
         cells = []
         for t in PEERS:
             x = r["tools"].get(t, {})
+            pub = s.get("published", {}).get(t)
             if x.get("unsupported"):
                 cells.append("n/a")
-            elif not x.get("ok"):
+            elif not (x.get("ok") or pub):
                 cells.append("FAILED" if x else "-")
             else:
                 agree = "ok" if s.get("agree", {}).get(t) else "DIFF"
-                cells.append(f"{_fmt(x['seconds'])} x{_fmt(s['ratio_vs_repeated'].get(t), 1)} "
+                secs = _fmt(x["seconds"]) if x.get("ok") else _fmt(pub) + "*"
+                published |= not x.get("ok")
+                cells.append(f"{secs} x{_fmt(s['ratio_vs_repeated'].get(t), 1)} "
                              f"[x{_fmt(s['ratio_vs_first_warm'].get(t), 2)}] {agree}")
         print(f"{cid:24s} " + " ".join(f"{c:>26s}" for c in cells))
+    if published:
+        print("* published, not re-run (peers.json; agreement: tmbx against its logLik)")
+    print("\n== peak memory (MB): each worker's peak RSS (Python: its ru_maxrss; R: Rscript's, from the parent)")
+    print(f"{'case':24s} " + " ".join(f"{t:>9s}" for t in TOOLS))
+    published = False
+    for cid in ids:
+        r, c = results[cid]["tools"], cases[cid]
+        cells = []
+        for t in TOOLS:
+            pub = c.get("published_peak_mb", {}).get(t)
+            if r.get(t, {}).get("peak_rss_mb") is not None:
+                cells.append(_mb(r[t]["peak_rss_mb"]))
+            elif pub is not None and not r.get(t, {}).get("ok"):
+                cells.append(_mb(pub) + "*")
+                published = True
+            else:
+                cells.append("n/a" if r.get(t, {}).get("unsupported") else "-")
+        print(f"{cid:24s} " + " ".join(f"{x:>9s}" for x in cells))
+    if published:
+        print("* published, not re-run (peers.json)")
     print("\n== targets")
     for cid in ids:
         tg = results[cid].get("summary", {}).get("targets", {})
         if tg:
             print(f"{cid:24s} " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in tg.items()))
+
+
+def plot_ratios(results: dict, cases: dict, path: str):
+    """Bar chart of peer time / tmbx time, one group of bars per case, log scale.
+
+    Per peer (one colour) two bars: against tmbx's repeated fit (solid) and against
+    its first fit in a fresh process with a warm cache (hatched), drawn from the line
+    at 1: up, tmbx is faster. Cases whose peer times are published (not re-run) get a "*".
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path})")
+        return
+    ids = [c for c in cases if results.get(c, {}).get("summary", {}).get("ratio_vs_repeated")]
+    if not ids:
+        return
+    colours = dict(zip(PEERS, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    kinds = [("ratio_vs_repeated", None, "against tmbx's repeated fit"),
+             ("ratio_vs_first_warm", "///", "against tmbx's first fit (warm cache)")]
+    width = 0.8 / (len(PEERS) * len(kinds))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(ids) + 4), 5.5))
+    for i, cid in enumerate(ids):
+        s = results[cid]["summary"]
+        for j, tool in enumerate(PEERS):
+            for k, (key, hatch, _) in enumerate(kinds):
+                v = s.get(key, {}).get(tool)
+                if v:  # fixed slots: a peer that cannot fit the model leaves a gap
+                    x = i - 0.4 + (j * len(kinds) + k + 0.5) * width
+                    # from the line at 1 to the ratio: up where tmbx is faster, down where slower
+                    ax.bar(x, v - 1, width, bottom=1, color=colours[tool], hatch=hatch, edgecolor="white",
+                           linewidth=0)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(ids)))
+    ax.set_xticklabels([cid + ("*" if results[cid]["summary"].get("published") else "") for cid in ids],
+                       rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(ids) - 0.4)
+    ax.set_ylabel("peer time / tmbx time  (> 1: tmbx faster)")
+    ax.set_title("tmbx.glmm against its peers" + ("  (* peer times published, not re-run)"
+                                                  if any(results[c]["summary"].get("published") for c in ids) else ""))
+    handles = [Patch(color=colours[t], label=t) for t in PEERS]
+    handles += [Patch(facecolor="grey", hatch=h, edgecolor="white", label=lab) for _, h, lab in kinds]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"\nplot: {path}")
+
+
+def report(results: dict, cases: dict, out: str):
+    """The tables, and the ratio plot next to the JSON (glmm.json -> glmm_ratios.png)."""
+    print_table(results, cases)
+    plot_ratios(results, cases, os.path.splitext(out)[0] + "_ratios.png")
 
 
 def _git_state() -> str:
@@ -617,9 +796,15 @@ def _git_state() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small reference cases only")
+    ap.add_argument("--large", action="store_true",
+                    help="the 1e6- and 5e6-row ladder only (" + ", ".join(sorted(LARGE_LADDER)) + "; hours)")
+    ap.add_argument("--peers-large", nargs="?", const="glmm", default="",
+                    help="peers to run on the 1e6/5e6 ladder (alone: glmm); by default none, their published "
+                         "times (peers.json) stand in")
     ap.add_argument("--cases", default=None, help="comma-separated case ids")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ",".join(TOOLS))
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
+    ap.add_argument("--timeout", type=int, default=None,
+                    help=f"seconds per subprocess (default {TIMEOUT}; {LARGE_TIMEOUT} on the 1e6/5e6 ladder)")
     ap.add_argument("--profile", action="store_true", help="tmbx_cold also splits trace/compile/run")
     ap.add_argument("--xla-workaround", action="store_true",
                     help=f"run tmbx workers with XLA_FLAGS={XLA_FLAG} (jaxlib 0.10.x LAPACK deadlock; off by "
@@ -643,21 +828,28 @@ def main():
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     results.pop("_meta", None)
     if args.table:
-        print_table(results, cases)
+        report(results, cases, args.out)
         return
     if args.cases:
         ids = [c.strip() for c in args.cases.split(",") if c.strip()]
         unknown = [c for c in ids if c not in cases]
         if unknown:
             sys.exit(f"unknown cases {unknown}; known: {', '.join(cases)}")
+    elif args.large:
+        ids = [c for c in cases if c in LARGE_LADDER]
     else:
-        ids = [c for c in cases if not (args.quick and c in LARGE)]
+        ids = [c for c in cases if c not in LARGE_LADDER and not (args.quick and c in LARGE)]
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    peers_large = [t.strip() for t in args.peers_large.split(",") if t.strip()]
+    unknown = [t for t in tools if t not in TOOLS] + [t for t in peers_large if t not in PEERS]
+    if unknown:
+        sys.exit(f"unknown tools {unknown}; known: {', '.join(TOOLS)}")
     for cid in ids:
         case = cases[cid]
         load = os.getloadavg()[0]
         t = time.perf_counter()
-        res = run_case(case, tools, args.timeout, args.profile)
+        timeout = args.timeout or (LARGE_TIMEOUT if cid in LARGE_LADDER else TIMEOUT)
+        res = run_case(case, tools, timeout, args.profile, peers_large)
         prev = results.get(cid, {}).get("tools", {})
         prev.update(res)  # a run of some tools keeps the others' earlier results
         results[cid] = dict(case={k: v for k, v in case.items() if k not in ("csv", "levels")},
@@ -670,7 +862,7 @@ def main():
                     note="fresh process per tool and measurement; peers timed side by side; ratios peer/tmbx")
         with open(args.out, "w") as fh:
             json.dump({"_meta": meta, **results}, fh, indent=1, default=float)
-    print_table(results, cases)
+    report(results, cases, args.out)
 
 
 if __name__ == "__main__":
