@@ -208,6 +208,21 @@ class Bootstrap:
         return f"Bootstrap(nsim={len(self.draws)}, failed={self.n_failed}, columns={list(self.draws.columns)})"
 
 
+_STATS = weakref.WeakKeyDictionary()  # fit -> {fn: compiled statistics over a batch of estimates}
+
+
+def _stat_program(fit, fn):
+    """``fn`` (default: every named parameter) over a batch of (x, u), one compiled
+    program per fit and ``fn``, so that a repeated bootstrap does not trace again."""
+    cache = _STATS.setdefault(fit, {})
+    if fn not in cache:
+        _, value_fn = named_parameters(fit)
+        stat = value_fn if fn is None else (lambda p: fn(value_fn(p)))
+        sp = fit.model.space
+        cache[fn] = jax.jit(jax.vmap(lambda x, u: stat(sp.unflatten(x, u))))
+    return cache[fn]
+
+
 def bootstrap(fit, nsim: int = 1000, fn=None, seed: int = 0, batch_size: int | None = None,
               progress: bool = True) -> Bootstrap:
     """Parametric bootstrap (bootMer, ``use.u = FALSE``): simulate ``nsim`` responses
@@ -221,14 +236,13 @@ def bootstrap(fit, nsim: int = 1000, fn=None, seed: int = 0, batch_size: int | N
     batch_size = default_batch_size(nsim) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    _, value_fn = named_parameters(fit)
-    stat = value_fn if fn is None else (lambda p: fn(value_fn(p)))
-    sp = fit.model.space
-    at_fit = stat(sp.unflatten(jnp.asarray(fit._fit.x), jnp.asarray(fit._fit.u)))
+    stats = _stat_program(fit, fn)
+    at_fit = stats(jnp.asarray(fit._fit.x)[None], jnp.asarray(fit._fit.u)[None])
     if not isinstance(at_fit, dict):
         raise TypeError(f"fn must return a dict of name -> scalar, got {type(at_fit).__name__}")
+    at_fit = {k: v[0] for k, v in at_fit.items()}
     res = refit_simulations(fit, Simulations(fit, nsim, seed, batch_size), batch_size, progress)
-    vals = jax.jit(jax.vmap(lambda x, u: stat(sp.unflatten(x, u))))(jnp.asarray(res["x"]), jnp.asarray(res["u"]))
+    vals = stats(jnp.asarray(res["x"]), jnp.asarray(res["u"]))
     converged = res["converged"]
     draws = {}
     for k in at_fit:  # fn's order (jax returns dicts with sorted keys)
