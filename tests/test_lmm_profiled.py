@@ -154,3 +154,23 @@ def test_laplace_machinery_built_inside_a_trace_is_the_same():
     assert float(val_a) == pytest.approx(-a.loglik, abs=1e-7)
     assert float(val_a) == pytest.approx(float(val_b), abs=1e-9)
     np.testing.assert_allclose(g_a, g_b, atol=1e-7)
+
+
+@pytest.mark.parametrize("reml", [False, True])
+def test_sigma_as_a_parameter_gives_the_same_fit(reml):
+    """Where a structure has no log sds to take relative to sigma, the optimizer keeps
+    log sigma^2 as a parameter (`_fit_impl`): same optimum, Hessian and REML blocks."""
+    df = _data(seed=13)
+    fits = []
+    for relative in (True, False):
+        lmm = ProfiledLMM(_template(df, "y ~ x + (1 + x|g) + (1|h)", reml))
+        assert lmm.relative
+        lmm.relative = relative
+        fits.append(lmm.fit_model())
+    a, b = fits
+    assert a.loglik == pytest.approx(b.loglik, abs=1e-8)
+    np.testing.assert_allclose(a.x, b.x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-3, atol=1e-6)
+    if reml:
+        for pa, pb in zip(a._reml_beta, b._reml_beta):
+            np.testing.assert_allclose(pa, pb, rtol=1e-4, atol=1e-8)

@@ -138,10 +138,9 @@ class GlmmFit:
         cols = np.concatenate([sp.index[n] for n in names])
         labels = [(n, i) for n in names for i in range(len(sp.index[n]))]
         V = np.nan_to_num(cov.to_numpy())
-        lmm = getattr(self._fit, "_lmm", None)
-        if lmm is not None:
-            # profiled least squares: the same blocks from the cross-products
-            Hinv, J = lmm.reml_beta_parts(self._fit.x)
+        if hasattr(self._fit, "_reml_beta"):
+            # profiled least squares: the same blocks, from the optimizer's own run
+            Hinv, J = self._fit._reml_beta
         else:
             lap = self.model.laplace
 

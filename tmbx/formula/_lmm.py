@@ -299,7 +299,7 @@ class ProfiledLMM:
         s2 = jnp.exp(d)
         Gs, tr = [], 0.0
         if self.kmax == 1:
-            dinv = _arrow_diag_inverse(F) if self.layout.kind == "arrow" else F.diag_inverse()
+            dinv = F.diag_inverse()
             tr = jnp.sum(dinv)
             C = jax.ops.segment_sum(1.0 - s2 * dinv, self._u_term, len(self.terms))
             return (2.0 * C / T[:, 0, 0])[:, None, None], tr
@@ -436,8 +436,7 @@ class ProfiledLMM:
         return dict(x=self._x_of(z, beta), u=self._flatten({"b": u / jnp.sqrt(s2), "beta": beta}, "u"),
                     f=res["f"], g=g[perm], status=res["status"], iterations=res["iterations"],
                     hessian=H[perm][:, perm], conditioning=self._conditioning(jnp.linalg.cholesky(S), D),
-                    # REML: beta's conditional covariance sigma^2 S^-1 and d beta_hat / dx
-                    beta_cov=s2 * jnp.linalg.inv(S), beta_jac=Jx[:, perm] if self.reml else Jx)
+                    **(self._reml_parts(s2, S, Jx[:, perm]) if self.reml else {}))
 
     def _fit_impl(self, z0, D):
         """BFGS over (theta, d), then the Hessian of the marginal in the template's
@@ -448,26 +447,23 @@ class ProfiledLMM:
         (beta, z) follows exactly: the marginal is quadratic in beta with Hessian
         S / sigma^2, and by the implicit-function theorem its cross block is
         -(S / sigma^2) J, so the z block is P'' + J' (S / sigma^2) J."""
-        p, nz = self.p, z0.shape[0]
+        p = self.p
 
         def vg(z, aux, data):
             (f, aux_new), g = jax.value_and_grad(self.profiled, has_aux=True)(z, data)
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + p * p + self.q)
-        opts = BFGSOptions(polish=True, jac_aux=0 if self.reml else p)
-        res = bfgs(vg, z0, aux0, D, opts)
+        res = bfgs(vg, z0, aux0, D, BFGSOptions(polish=True, jac_aux=p))
         z, aux = res["x"], res["aux"]
         beta, S, u = aux[:p], aux[p: p + p * p].reshape(p, p), aux[p + p * p:]
         conditioning = self._conditioning(jnp.linalg.cholesky(S), D)
         beta = beta + D["beta0"]
-        Hz, gz = res["hessian"], res["g"]
+        Hz, gz, J = res["hessian"], res["g"], res["aux_jacobian"]
         if self.reml:
             H, g = Hz, gz
-            order = ["z"]
         else:
             Hbb = S * jnp.exp(-z[-1])
-            J = res["aux_jacobian"]
             Hbz = -Hbb @ J
             H = jnp.block([[Hbb, Hbz], [Hbz.T, Hz + J.T @ Hbb @ J]])
             g = jnp.concatenate([jnp.zeros(p), gz])
@@ -478,7 +474,13 @@ class ProfiledLMM:
         g = g[perm]
         uu = self._flatten({"b": u, "beta": beta}, "u")
         return dict(x=x, u=uu, f=res["f"], g=g, status=res["status"], iterations=res["iterations"],
-                    hessian=H, conditioning=conditioning)
+                    hessian=H, conditioning=conditioning,
+                    **(self._reml_parts(jnp.exp(z[-1]), S, J[:, perm]) if self.reml else {}))
+
+    def _reml_parts(self, s2, S, J):
+        """REML: beta's conditional covariance sigma^2 S^-1 and J = d beta_hat / dx
+        (template order), the blocks GlmmFit.vcov needs."""
+        return dict(beta_cov=s2 * jnp.linalg.inv(S), beta_jac=J)
 
     def _x_order(self):
         """Positions in the optimizer's (beta [ML only], theta, d) vector of the
@@ -593,38 +595,14 @@ class ProfiledLMM:
             return None
         fit = Fit(model, data, res)
         fit._lmm = self
-        self._last = res
+        if self.reml:  # beta's conditional covariance and d beta_hat / dx, for GlmmFit.vcov
+            fit._reml_beta = (np.asarray(res["beta_cov"]), np.asarray(res["beta_jac"]))
         fit._warn()
         return fit
 
     def _z_of_x(self, x):
         p = self.space.unflatten(jnp.asarray(x), jnp.zeros(self.space.n_u))
         return jnp.concatenate([p["theta"], p["betadisp"]])
-
-    def reml_beta_parts(self, x, D=None):
-        """For REML fits: the beta block of the inverse joint Hessian, sigma^2 S^-1,
-        and J = d beta_hat / dx (central differences of the exact beta_hat), at the
-        template's parameter vector ``x``."""
-        D = self.data if D is None else D
-        fitted = getattr(self, "_last", None)
-        if fitted is not None and np.array_equal(np.asarray(x), fitted["x"]) and "beta_jac" in fitted:
-            return np.asarray(fitted["beta_cov"]), np.asarray(fitted["beta_jac"])  # from the optimizer
-        z = self._z_of_x(x)
-        nth = z.shape[0] - 1
-
-        def beta_S(z):
-            _, _, _, beta, _, S, _ = self._modes(self._T(z[:nth]), z[nth], D)[0]
-            return beta, S
-
-        beta, S = jax.jit(beta_S)(z)
-        h = 1e-5 * jnp.maximum(1.0, jnp.abs(z))
-        E = jnp.eye(z.shape[0]) * h[:, None]
-        bp = jax.jit(jax.vmap(lambda e: beta_S(z + e)[0]))(E)
-        bm = jax.jit(jax.vmap(lambda e: beta_S(z - e)[0]))(E)
-        Jz = ((bp - bm) / (2 * h[:, None])).T  # (p, nz)
-        Jx = np.asarray(Jz)[:, self._x_order()]
-        return np.exp(float(z[nth])) * np.linalg.inv(np.asarray(S)), Jx
-
 
     # ------------------------------------------------------------ batched refits
     def _refit_impl(self, zeta0, D, options):
@@ -654,7 +632,7 @@ class ProfiledLMM:
         A vmapped loop runs as long as its slowest member, so every replicate gets
         a short first pass (most converge in under a dozen evaluations from the
         original estimate) and only the rest continue, in smaller batches."""
-        Yc = np.asarray(Y[0: Y.shape[0]], float) - self._offset - self._X @ self.beta0
+        Yc = np.asarray(Y, float) - self._offset - self._X @ self.beta0
         stats = (np.asarray((self._WZt @ Yc.T).T), Yc @ self._WX, np.sum(self._w * Yc * Yc, axis=1))
         z = np.asarray(self._z_of_x(x_start))
         B = Yc.shape[0]
@@ -690,26 +668,3 @@ class ProfiledLMM:
             if bar is not None:
                 bar.update(n)
         return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _arrow_diag_inverse(F):
-    """Diagonal of H^-1 for an arrow factorization, with the head blocks' correction
-    summed over the layout's coupling pairs (the padded (m, c, c) gather of the
-    tail inverse that `ArrowFactor.diag_inverse` uses costs ~30x more memory on
-    crossed designs whose levels couple to very different numbers of others).
-
-    H^-1 = [[D^-1 + V S^-1 V', .], [., S^-1]] with V = D^-1 B = Lh^-T W."""
-    lay = F.layout
-    eye = jnp.eye(lay.k)
-    Lhinv = jax.vmap(lambda L: jax.scipy.linalg.solve_triangular(L, eye, lower=True))(F.Lh)
-    dh = jnp.sum(Lhinv**2, axis=1)  # (m, k): diagonal of the D^-1 blocks
-    if lay.t:
-        Sinv = jax.scipy.linalg.cho_solve((F.Lt, True), jnp.eye(lay.t))
-        V = jnp.einsum("mji,mjc->mic", Lhinv, F.W)  # (m, k, c)
-        pb, pi, pj = lay.pair_b, lay.pair_i, lay.pair_j
-        terms = V[pb, :, pi] * Sinv.reshape(-1)[lay.pair_dest][:, None] * V[pb, :, pj]  # (P, k)
-        dh = dh + jax.ops.segment_sum(terms, pb, lay.m)
-        dt = jnp.diagonal(Sinv)
-    else:
-        dt = jnp.zeros((0,))
-    return F._scatter(dh, dt)
