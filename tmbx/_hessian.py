@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._internal import LazyModule
+from ._internal import LazyModule, to_device, unique_sorted
 from ._sparse import choose_layout
 
 
@@ -62,8 +62,8 @@ class ColoredHessian:
         cols = np.concatenate([cols, diag])
         self.rows, self.cols = rows, cols
         self.layout = layout or choose_layout(n, rows, cols, force=layout_kind)
-        self.seeds = jnp.asarray(_seeds(np.asarray(coloring.colors), coloring.num_colors))
-        self.slots = jnp.asarray(_slots_with_dummy(self.layout, rows[: len(sp.rows)], cols[: len(sp.cols)]))
+        self.seeds = to_device(_seeds(np.asarray(coloring.colors), coloring.num_colors))
+        self.slots = to_device(_slots_with_dummy(self.layout, rows[: len(sp.rows)], cols[: len(sp.cols)]))
         self.num_colors = coloring.num_colors
 
     def __call__(self, x, u, data):
@@ -85,7 +85,7 @@ class LatentGaussianHessian:
     """
 
     def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None,
-                 jacobian=None):
+                 jacobian=None, latent_diagonal=False):
         self.eta_fn, self.obs_nll, self.latent_nll = eta_fn, obs_nll, latent_nll
         n = u0.shape[0]
         eta0 = jax.eval_shape(eta_fn, x0, u0, data0)
@@ -103,12 +103,15 @@ class LatentGaussianHessian:
             # an observation) skips the detection, which is slow for millions of rows
             jr, jc, colors = (np.asarray(a, np.int64) for a in jacobian)
             ncolors = int(colors.max()) + 1 if colors.size else 0
-        self.jrows = jnp.asarray(jr, jnp.int32)
-        self.jcolor_of_entry = jnp.asarray(colors[jc], jnp.int32)
+        self.jrows = to_device(jr, np.int32)
+        self.jcolor_of_entry = to_device(colors[jc], np.int32)
         self.ncolors = ncolors
         # latent part
-        lat = lambda u: latent_nll(x0, u, data0)
-        self.lat = ColoredHessianPart(lat, u0).bind(latent_nll)
+        if latent_diagonal:  # declared by the caller: no detection (nor asdex's import)
+            self.lat = DiagonalHessianPart(n).bind(latent_nll)
+        else:
+            lat = lambda u: latent_nll(x0, u, data0)
+            self.lat = ColoredHessianPart(lat, u0).bind(latent_nll)
         # per-observation nonzeros of J: (N, R) indices into J's value vector
         obs, pred = jr // self.K, jr % self.K
         order = np.lexsort((jc, obs))
@@ -122,7 +125,7 @@ class LatentGaussianHessian:
         ucol[obs[order], rank] = jc[order]
         prd = np.zeros((self.N, R), np.int64)
         prd[obs[order], rank] = pred[order]
-        self.ent, self.prd, self.R = jnp.asarray(ent, jnp.int32), jnp.asarray(prd, jnp.int32), R
+        self.ent, self.prd, self.R = to_device(ent, np.int32), to_device(prd, np.int32), R
         # pattern: J^T J pairs within observations, the latent pattern, the diagonal
         pr = np.broadcast_to(ucol[:, :, None], (self.N, R, R)).reshape(-1)
         pc = np.broadcast_to(ucol[:, None, :], (self.N, R, R)).reshape(-1)
@@ -130,15 +133,15 @@ class LatentGaussianHessian:
         diag = np.arange(n)
         allr = np.concatenate([pr[valid], self.lat.rows, diag])
         allc = np.concatenate([pc[valid], self.lat.cols, diag])
-        key = np.unique(allr * n + allc)
+        key = unique_sorted(allr * n + allc)
         rows, cols = key // n, key % n
         self.rows, self.cols = rows, cols
         self.layout = choose_layout(n, rows, cols, force=layout_kind)
         s = self.layout.slots(pr, pc)
         s = np.where(valid & (s >= 0), s, self.layout.size)
-        self.obs_slots = jnp.asarray(s.reshape(self.N, R, R), jnp.int32)
-        self.lat_slots = jnp.asarray(_slots_with_dummy(self.layout, self.lat.rows, self.lat.cols))
-        self.jseeds = jnp.asarray(_seeds(colors, ncolors))
+        self.obs_slots = to_device(s.reshape(self.N, R, R), np.int32)
+        self.lat_slots = to_device(_slots_with_dummy(self.layout, self.lat.rows, self.lat.cols))
+        self.jseeds = to_device(_seeds(colors, ncolors))
 
     def jacobian_values(self, x, u, data):
         """Values of J = d eta / du at its pattern entries: one JVP per colour, then
@@ -169,6 +172,24 @@ class LatentGaussianHessian:
         return flat.at[self.lat_slots].add(self.lat(x, u, data))
 
 
+class DiagonalHessianPart:
+    """The ``u`` Hessian of a scalar ``g(x, u, data)`` known to be diagonal (random
+    effects independent a priori, as every formula model's spherical ones): its
+    values are one Hessian-vector product with a vector of ones."""
+
+    def __init__(self, n):
+        self.rows = self.cols = np.arange(n)
+        self.fn = None
+
+    def bind(self, g):
+        self.fn = g
+        return self
+
+    def __call__(self, x, u, data):
+        gr = lambda uu: jax.grad(self.fn, argnums=1)(x, uu, data)
+        return jax.jvp(gr, (u,), (jnp.ones_like(u),))[1]
+
+
 class ColoredHessianPart:
     """Coloured Hessian values (pattern order) of a scalar ``g(x, u, data)``'s ``u`` part."""
 
@@ -176,7 +197,7 @@ class ColoredHessianPart:
         self.coloring = asdex.hessian_coloring(g0, u0)
         sp = self.coloring.sparsity
         self.rows, self.cols = np.asarray(sp.rows), np.asarray(sp.cols)
-        self.seeds = jnp.asarray(_seeds(np.asarray(self.coloring.colors), self.coloring.num_colors))
+        self.seeds = to_device(_seeds(np.asarray(self.coloring.colors), self.coloring.num_colors))
         self.fn = None
 
     def bind(self, g):

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._internal import to_device
+
 # Inner-solve status codes (data, so they survive jit and vmap).
 INNER_OK = 0
 INNER_MAXITER = 1
@@ -96,9 +98,9 @@ class Laplace:
         # would sit in every compiled program (megabytes for a banded layout)
         self._pad = np.concatenate([self.layout.padding(), [0.0]])
         nz = np.nonzero(self._pad)[0]
-        self._pad_slots = jnp.asarray(nz, jnp.int32)
-        self._pad_values = jnp.asarray(self._pad[nz])
-        self._diag = jnp.asarray(self.layout.diag_slots(), jnp.int32)
+        self._pad_slots = to_device(nz, np.int32)
+        self._pad_values = to_device(self._pad[nz])
+        self._diag = to_device(self.layout.diag_slots(), np.int32)
         self.u_star = self._make_u_star()
         self.marginal = self._make_marginal()
 

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
+from ._internal import to_device
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
@@ -56,6 +58,7 @@ class LatentGaussian:
     obs_nll: Callable
     latent_nll: Callable
     jacobian: tuple | None = None  # optional (rows, cols, colours) of d eta / du over u's indices
+    latent_diagonal: bool = False  # latent_nll's Hessian in u is diagonal: no pattern detection
 
     def nll(self, p, d):
         return jnp.sum(self.obs_nll(self.eta(p, d), p, d)) + self.latent_nll(p, d)
@@ -64,7 +67,7 @@ class LatentGaussian:
 def _as_data(data):
     if data is None:
         return {}
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a), data)
+    return jax.tree_util.tree_map(to_device, data)
 
 
 class Model:
@@ -108,8 +111,8 @@ class Model:
         self.options = outer
         space = self.space
         self.f = lambda x, u, d: nll(space.unflatten(x, u), d)
-        x0 = jnp.asarray(space.start("x"))
-        u0 = jnp.asarray(space.start("u"))
+        x0 = to_device(space.start("x"))
+        u0 = to_device(space.start("u"))
         if check:
             self._check_template(x0, u0)
         # the sparse Hessian's pattern, colouring and layout are built on first use:
@@ -159,14 +162,15 @@ class Model:
     def _build_laplace(self):
         lg, layout, inner, quadratic = self._laplace_args
         space = self.space
-        x0 = jnp.asarray(space.start("x"))
-        u0 = jnp.asarray(space.start("u"))
+        x0 = to_device(space.start("x"))
+        u0 = to_device(space.start("u"))
         if lg is not None:
             hess = LatentGaussianHessian(
                 lambda x, u, d: lg.eta(space.unflatten(x, u), d),
                 lambda e, x, u, d: lg.obs_nll(e, space.unflatten(x, u), d),
                 lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
                 x0, u0, self.data, layout_kind=layout, jacobian=lg.jacobian,
+                latent_diagonal=lg.latent_diagonal,
             )
         else:
             hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout)
@@ -205,12 +209,21 @@ class Model:
             return val, g, u
 
         self._vg = vg
-        self._value = jax.jit(lambda x, u0, d: self._objective(x, u0, d))
-        self._value_grad = jax.jit(vg)
+        jit = self.jit
+        self._value = jit(lambda x, u0, d: self._objective(x, u0, d))
+        self._value_grad = jit(vg)
         grad = lambda x, u0, d: vg(x, u0, d)[1]
-        self._hess = jax.jit(jax.jacfwd(grad))
-        self._fit_core = jax.jit(self._fit_impl)
+        self._hess = jit(jax.jacfwd(grad))
+        self._fit_core = jit(self._fit_impl)
+        # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
+
+    def jit(self, fn):
+        """`jax.jit` with this model's compiler options (`tmbx._config.compile_options`:
+        small models compile faster at XLA's optimization level 0)."""
+        if not hasattr(self, "_compiler_options"):
+            self._compiler_options = compile_options(self.data, self.space.n_u)
+        return jax.jit(fn, compiler_options=self._compiler_options)
 
     def _fit_impl(self, x0, u0, d):
         res = bfgs(self._vg, x0, u0, d, self.options)
@@ -226,7 +239,7 @@ class Model:
     def fn(self, x=None) -> float:
         """Laplace marginal nll at the fixed-parameter vector ``x`` (TMB's ``obj$fn``)."""
         x = self.par if x is None else x
-        val, (u, status) = self._value(jnp.asarray(x, jnp.float64), self._u_last, self.data)
+        val, (u, status) = self._value(to_device(x, np.float64), self._u_last, self.data)
         if int(status) != INNER_OK:
             warnings.warn(INNER_MESSAGES[int(status)], RuntimeWarning, stacklevel=2)
         else:
@@ -236,7 +249,7 @@ class Model:
     def gr(self, x=None) -> np.ndarray:
         """Exact gradient of `fn` (TMB's ``obj$gr``)."""
         x = self.par if x is None else x
-        val, g, u = self._value_grad(jnp.asarray(x, jnp.float64), self._u_last, self.data)
+        val, g, u = self._value_grad(to_device(x, np.float64), self._u_last, self.data)
         if np.isfinite(float(val)):
             self._u_last = u
         return np.asarray(g)
@@ -244,7 +257,7 @@ class Model:
     def he(self, x=None) -> np.ndarray:
         """Exact Hessian of `fn` (by differentiating the implicit gradient)."""
         x = self.par if x is None else x
-        return np.asarray(self._hess(jnp.asarray(x, jnp.float64), self._u_last, self.data))
+        return np.asarray(self._hess(to_device(x, np.float64), self._u_last, self.data))
 
     # ---------------------------------------------------------------- fitting
     def fit(self, start: dict | None = None) -> "Fit":
@@ -257,13 +270,13 @@ class Model:
 
     def _starts(self, start):
         if start is None:
-            return jnp.asarray(self.space.start("x")), jnp.asarray(self.space.start("u"))
+            return to_device(self.space.start("x")), to_device(self.space.start("u"))
         unknown = [k for k in start if k not in self.space.names]
         if unknown:
             raise ValueError(f"start names {unknown} are not parameters ({self.space.names})")
         p = {k: self.space.starts[k].reshape(self.space.shapes[k]) for k in self.space.names}
         p.update({k: np.asarray(v, np.float64) for k, v in start.items()})
-        return jnp.asarray(self.space.flatten(p, "x")), jnp.asarray(self.space.flatten(p, "u"))
+        return to_device(self.space.flatten(p, "x")), to_device(self.space.flatten(p, "u"))
 
     def fit_batch(self, data, start: dict | None = None) -> "BatchFit":
         """Fit the model to a batch of data sets stacked on a leading axis (one `vmap`)."""
@@ -323,14 +336,14 @@ class Fit:
     def par(self) -> dict:
         """Fixed parameters at the optimum: name -> numpy array (held elements at start)."""
         sp = self.model.space
-        p = sp.unflatten(jnp.asarray(self.x), jnp.asarray(self.u))
+        p = sp.unflatten(np.asarray(self.x, float), np.asarray(self.u, float))
         return {k: np.asarray(p[k]) for k in sp.fixed}
 
     @property
     def par_random(self) -> dict:
         """Conditional modes of the random effects at the optimum."""
         sp = self.model.space
-        p = sp.unflatten(jnp.asarray(self.x), jnp.asarray(self.u))
+        p = sp.unflatten(np.asarray(self.x, float), np.asarray(self.u, float))
         return {k: np.asarray(p[k]) for k in sp.random}
 
     @property
@@ -347,7 +360,7 @@ class Fit:
     def exact_hessian(self) -> np.ndarray:
         """Hessian of the marginal nll by automatic differentiation (slower to compile)."""
         m = self.model
-        return np.asarray(m._hess(jnp.asarray(self.x), jnp.asarray(self.u), self.data))
+        return np.asarray(m._hess(to_device(self.x), to_device(self.u), self.data))
 
     @property
     def pd_hessian(self) -> bool:

@@ -91,18 +91,21 @@ class ParamSpace:
         return np.array([self.starts[n][i] for n, i in self.first[vec]], dtype=np.float64)
 
     def unflatten(self, x, u) -> dict:
+        """Named parameters from the x and u vectors: NumPy arrays for NumPy inputs
+        (post-fit code: no JAX operation, so nothing to compile), else JAX arrays."""
+        xp = np if isinstance(x, np.ndarray) and isinstance(u, np.ndarray) else jnp
         out = {}
         for name in self.names:
             vec = u if name in self.random else x
             idx = self.index[name]
-            start = jnp.asarray(self.starts[name])
+            start = xp.asarray(self.starts[name])
             if np.all(idx >= 0) and idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
                 val = vec[idx[0]: idx[0] + idx.size]
             elif np.all(idx < 0):
                 val = start
             else:
                 safe = np.maximum(idx, 0)
-                val = jnp.where(jnp.asarray(idx >= 0), vec[safe], start)
+                val = xp.where(xp.asarray(idx >= 0), vec[safe], start)
             out[name] = val.reshape(self.shapes[name])
         return out
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._internal import unique_sorted
+
 
 class SDReport:
     """Standard errors of fixed parameters, random effects and reported quantities.
@@ -142,7 +144,7 @@ class SDReport:
         flat = np.asarray(jax.jit(lambda xx, uu: hess(xx, uu, d))(x, u))
         lay = lap.layout
         n_u = u.shape[0]
-        key = np.unique(np.asarray(hess.rows, np.int64) * n_u + np.asarray(hess.cols, np.int64))
+        key = unique_sorted(np.asarray(hess.rows, np.int64) * n_u + np.asarray(hess.cols, np.int64))
         rows, cols = key // n_u, key % n_u
         slots = lay.slots(rows, cols)
         swapped = lay.slots(cols, rows)

@@ -46,6 +46,7 @@ import numpy as np
 import scipy.sparse as sps
 
 from .._optim import BFGSOptions, bfgs
+from .._internal import eval_once, to_device, unique_sorted
 from .._sparse import choose_layout
 
 LOG_2PI = math.log(2 * math.pi)
@@ -133,7 +134,7 @@ class ProfiledLMM:
         valid = (ur < q) & (us < q)
         diag = np.arange(q)
         pr, pc = np.concatenate([ur[valid], diag]), np.concatenate([us[valid], diag])
-        key = np.unique(pr * q + pc)
+        key = unique_sorted(pr * q + pc)
         self.layout = choose_layout(q, key // q, key % q, force=self._layout_hint(terms, q))
         size = self.layout.size
         slots = np.full(ur.shape, size, np.int64)
@@ -146,17 +147,17 @@ class ProfiledLMM:
                               if np.size(getattr(self.layout, a, None)) > 10_000]
 
         self.data = dict(
-            ZtZ=jnp.asarray(ZtZ.data), e_r=jnp.asarray(r, jnp.int32), e_s=jnp.asarray(s, jnp.int32),
-            e_term=jnp.asarray(term_of[r], jnp.int32),
-            e_col=jnp.asarray(col_of[r], jnp.int32), f_term=jnp.asarray(term_of[s], jnp.int32),
-            f_col=jnp.asarray(col_of[s], jnp.int32), slots=jnp.asarray(slots, jnp.int32),
-            pad=jnp.asarray(pad), diag=jnp.asarray(self.layout.diag_slots(), jnp.int32),
-            r_term=jnp.asarray(term_of, jnp.int32), r_col=jnp.asarray(col_of, jnp.int32),
-            urow=jnp.asarray(urow, jnp.int32), XtX=jnp.asarray(X.T @ WX),
-            sw=jnp.asarray(float(np.sum(w))), beta0=jnp.asarray(self.beta0),
+            ZtZ=to_device(ZtZ.data), e_r=to_device(r, np.int32), e_s=to_device(s, np.int32),
+            e_term=to_device(term_of[r], np.int32),
+            e_col=to_device(col_of[r], np.int32), f_term=to_device(term_of[s], np.int32),
+            f_col=to_device(col_of[s], np.int32), slots=to_device(slots, np.int32),
+            pad=to_device(pad), diag=to_device(self.layout.diag_slots(), np.int32),
+            r_term=to_device(term_of, np.int32), r_col=to_device(col_of, np.int32),
+            urow=to_device(urow, np.int32), XtX=to_device(X.T @ WX),
+            sw=to_device(float(np.sum(w))), beta0=to_device(self.beta0),
             # response-dependent statistics: replaced by refits' new responses
-            ZtXy=jnp.asarray(ZtXy), Xty=jnp.asarray(WX.T @ y), yty=jnp.asarray(float(np.sum(w * y * y))),
-            layout={a: jnp.asarray(getattr(self.layout, a)) for a in self._traced_attrs},
+            ZtXy=to_device(ZtXy), Xty=to_device(WX.T @ y), yty=to_device(float(np.sum(w * y * y))),
+            layout={a: to_device(getattr(self.layout, a)) for a in self._traced_attrs},
         )
         # the cross-product of a new response with Z and X (for refits): Z'W and X'W
         self._WZt = WZ.T.tocsr()
@@ -168,7 +169,7 @@ class ProfiledLMM:
         self._compiled = None
         self._compiled_many = {}
         # the k x k diagonal blocks of H^-1 that d log|H| needs (see `_make_core`)
-        self._u_term = jnp.asarray(term_of, jnp.int32)
+        self._u_term = to_device(term_of, np.int32)
         br, bc, self._blk_slices, off = [], [], [], 0
         for t in terms:
             base = t.b_slice.start + np.arange(t.m)[:, None, None] * t.k
@@ -214,8 +215,7 @@ class ProfiledLMM:
             if not m.any():
                 return None
             th = rng.normal(size=len(names)) * 0.3
-            T0 = np.asarray(t.struct.factor(jnp.asarray(th)))
-            T1 = np.asarray(t.struct.factor(jnp.asarray(th + 0.37 * m)))
+            T0, T1 = eval_once(lambda a, b, f=t.struct.factor: (f(a), f(b)), th, th + 0.37 * m)
             if not np.allclose(T1, math.exp(0.37) * T0, rtol=1e-10, atol=1e-12):
                 return None
             mask[t.theta_slice] = m
@@ -266,7 +266,9 @@ class ProfiledLMM:
         beta = jax.scipy.linalg.cho_solve((L, True), D["Xty"] - R[:, :p].T @ G[:, p])
         u = G[:, p] - G[:, :p] @ beta
         ok = F.ok().astype(float)
-        return (F.logdet(), ok, u, beta, G[:, :p], S, L), F
+        # F._logdet(), not F.logdet(): the latter's own derivative rule would factor
+        # H a second time (`_make_core` supplies the derivative)
+        return (F._logdet(), ok, u, beta, G[:, :p], S, L), F
 
     def _make_core(self):
         """`_modes` with the derivative of log|H| written out, so that nothing is
@@ -518,7 +520,7 @@ class ProfiledLMM:
 
     def fit(self, D=None, user_disp=False):
         if self._compiled is None:
-            self._compiled = jax.jit(self._fit_rel if self.relative else self._fit_impl)
+            self._compiled = self.template.model.jit(self._fit_rel if self.relative else self._fit_impl)
         D = self.data if D is None else D
         z0 = self.start(user_disp)
         if not self.relative:
@@ -572,9 +574,9 @@ class ProfiledLMM:
         """The statistics for a new response vector (same design): a refit's data."""
         y = np.asarray(y, float) - self._offset - self._X @ self.beta0
         D = dict(self.data)
-        D["ZtXy"] = jnp.asarray(np.column_stack([np.asarray(self.data["ZtXy"])[:, :-1], self._WZt @ y]))
-        D["Xty"] = jnp.asarray(self._WX.T @ y)
-        D["yty"] = jnp.asarray(float(np.sum(self._w * y * y)))
+        D["ZtXy"] = to_device(np.column_stack([np.asarray(self.data["ZtXy"])[:, :-1], self._WZt @ y]))
+        D["Xty"] = to_device(self._WX.T @ y)
+        D["yty"] = to_device(float(np.sum(self._w * y * y)))
         return D
 
     def fit_model(self, D=None, user_disp=False, y=None):

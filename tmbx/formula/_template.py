@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import covstructs, families
+from .._internal import eval_once
 from .._model import LatentGaussian, Model
 from .._params import ParamSpace
 
@@ -105,7 +106,7 @@ def _start_beta(fam, comp, y, trials):
     if "Intercept" in comp.names:
         ybar = np.mean(y / trials) if trials is not None else np.mean(y)
         try:
-            val = float(fam.link(jnp.asarray(np.clip(ybar, 1e-3, None) if ybar <= 0 else ybar)))
+            val = float(eval_once(fam.link, np.clip(ybar, 1e-3, None) if ybar <= 0 else float(ybar)))
             if ybar >= 1 and fam.link.name == "logit":
                 val = 0.0
             if np.isfinite(val):
@@ -223,7 +224,10 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     jac = _jacobian_structure(space, terms_c, terms_z, data, K, reml)
     if layout is None:
         layout = _layout_hint(space, terms_c + terms_z)
-    lg = LatentGaussian(eta=eta_fn, obs_nll=obs_nll, latent_nll=latent_nll, jacobian=jac)
+    # the random effects are spherical (b = T u, u ~ N(0, I)): the latent Hessian is
+    # diagonal unless a prior adds terms (a prior on REML's integrated fixed effects)
+    lg = LatentGaussian(eta=eta_fn, obs_nll=obs_nll, latent_nll=latent_nll, jacobian=jac,
+                        latent_diagonal=prior_nll is None)
     kw = {} if outer is None else {"outer": outer}
     quadratic = fam.name == "gaussian" and fam.link.name == "identity" and not has_zi
     if groups is not None:
