@@ -172,24 +172,6 @@ class LatentGaussianHessian:
         return flat.at[self.lat_slots].add(self.lat(x, u, data))
 
 
-class DiagonalHessianPart:
-    """The ``u`` Hessian of a scalar ``g(x, u, data)`` known to be diagonal (random
-    effects independent a priori, as every formula model's spherical ones): its
-    values are one Hessian-vector product with a vector of ones."""
-
-    def __init__(self, n):
-        self.rows = self.cols = np.arange(n)
-        self.fn = None
-
-    def bind(self, g):
-        self.fn = g
-        return self
-
-    def __call__(self, x, u, data):
-        gr = lambda uu: jax.grad(self.fn, argnums=1)(x, uu, data)
-        return jax.jvp(gr, (u,), (jnp.ones_like(u),))[1]
-
-
 class ColoredHessianPart:
     """Coloured Hessian values (pattern order) of a scalar ``g(x, u, data)``'s ``u`` part."""
 
@@ -209,3 +191,17 @@ class ColoredHessianPart:
         hvp = lambda s: jax.jvp(gr, (u,), (s,))[1]
         B = jax.vmap(hvp)(self.seeds)
         return asdex.decompress_data(B[: self.coloring.num_colors], self.coloring)
+
+
+class DiagonalHessianPart(ColoredHessianPart):
+    """The ``u`` Hessian of a scalar ``g(x, u, data)`` known to be diagonal (random
+    effects independent a priori, as every formula model's spherical ones): its
+    values are one Hessian-vector product with a vector of ones."""
+
+    def __init__(self, n):
+        self.rows = self.cols = np.arange(n)
+        self.fn = None
+
+    def __call__(self, x, u, data):
+        gr = lambda uu: jax.grad(self.fn, argnums=1)(x, uu, data)
+        return jax.jvp(gr, (u,), (jnp.ones_like(u),))[1]
