@@ -89,6 +89,8 @@ def compile_options(data, n_u: int):
     force = os.environ.get("TMBX_FAST_COMPILE")
     if force is not None and force != "":
         small = force not in ("0", "false", "False")
+    elif jax.default_backend() != "cpu":  # measured on XLA:CPU only; GPU kernels keep -O2
+        small = False
     else:
         size = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
         small = size <= _SMALL_DATA and n_u <= _SMALL_U
