@@ -142,6 +142,7 @@ def test_logdet_rule_with_host_lapack_inverse(kind, monkeypatch):
     monkeypatch.setattr(_sparse, "_POTRI_MIN", 1)
     test_logdet_rule_matches_finite_differences(kind)
     test_logdet_rule_second_derivative(kind)
+    test_selected_inverse_diagonal(kind)  # the arrow's diag_inverse (LMM gradients) too
 
 
 def test_chol_inverse_host_path_matches_inverse_under_jit_vmap_and_grad(monkeypatch):
@@ -163,3 +164,25 @@ def test_chol_inverse_host_path_matches_inverse_under_jit_vmap_and_grad(monkeypa
     h = 1e-6
     fd = (float(f(L[0] + h * D)) - float(f(L[0] - h * D))) / (2 * h)
     assert float(np.sum(g * D)) == pytest.approx(fd, rel=1e-7)
+
+
+@pytest.mark.parametrize("method", ["auto", "laplace"])
+def test_fits_with_the_host_lapack_inverse_match_glmmtmb(method, monkeypatch):
+    """Penicillin's crossed REML model (24 plates x 6 samples) with the host inverse
+    forced on every dense factor, through the LMM path and the general Laplace path:
+    glmmTMB 1.1.5's logLik, intercept SE and sds (tests/data/cases/penicillin_crossed.json)."""
+    import json
+    import os
+
+    from tmbx import _sparse
+
+    monkeypatch.setattr(_sparse, "_POTRI_MIN", 1)
+    ref = json.load(open(os.path.join(os.path.dirname(__file__), "data", "cases",
+                                      "penicillin_crossed.json")))["glmmTMB"]
+    fit = tmbx.glmm("diameter ~ 1 + (1|plate) + (1|sample)", data=tmbx.load_dataset("penicillin"),
+                    REML=True, method=method)
+    assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-4)
+    se = float(np.sqrt(fit.vcov()["cond"].iloc[0, 0]))
+    assert se == pytest.approx(ref["se"]["cond"]["(Intercept)"], rel=1e-3)
+    for vc in ref["varcorr"]:
+        assert float(fit.varcorr[vc["group"]].sd.iloc[0]) == pytest.approx(vc["sd"], rel=1e-3)
