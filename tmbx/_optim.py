@@ -69,11 +69,13 @@ class BFGSOptions(eqx.Module):
     max_expand: int = 5
 
 
-def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
+def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None):
     """Minimize ``f``; ``value_and_grad(x, aux, data) -> (f, g, aux_new)``.
 
     Returns a dict with ``x, f, g, aux, status, iterations, hessian`` (the
     finite-difference Hessian at ``x`` when polishing, else zeros).
+    ``max_evals`` (may be traced) overrides ``options.max_evals``: one compiled
+    program then serves runs with different budgets.
 
     The body is branch-free (every update is computed and selected with
     ``where``): the state is small, and ``cond`` branches would each carry a
@@ -88,6 +90,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
                     hessian=jnp.zeros((0, 0)))
     eye = jnp.eye(n)
     opt = options
+    limit = opt.max_evals if max_evals is None else max_evals
 
     def small_grad(f, g):
         return jnp.max(jnp.abs(g), initial=0.0) <= opt.gtol * jnp.maximum(1.0, jnp.abs(f))
@@ -236,7 +239,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions()):
         )
 
     def cond(st):
-        return (st["phase"] != _DONE) & (st["evals"] < opt.max_evals)
+        return (st["phase"] != _DONE) & (st["evals"] < limit)
 
     st = dict(
         x=x0, f=jnp.asarray(jnp.inf, x0.dtype), g=jnp.zeros_like(x0), aux=aux0, Hinv=eye,
