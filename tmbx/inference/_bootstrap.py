@@ -27,8 +27,7 @@ _BATCHED = weakref.WeakKeyDictionary()  # model -> {options: compiled batched re
 # plain BFGS (no Newton polish: 2 n extra gradients each) converges in ~10
 # evaluations for most of them. A vmapped loop runs as long as its slowest member,
 # so every replicate gets a short pass and only those that need more (sds running
-# to 0, correlations to +/-1) get further passes, resumed where they stopped, in a
-# batch a quarter the size.
+# to 0, correlations to +/-1) get further passes, resumed where they stopped.
 _PASS = BFGSOptions(polish=False, gtol=1e-7, max_evals=12)
 _RESUMES = 6
 # a replicate whose gradient (in Wald-se units) is this small when the passes end
@@ -107,7 +106,8 @@ def _run_chunks(run, Y, X0, U0, L, d, size, bar=None):
 
 def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
     """Refit ``fit``'s model to the simulated responses ``sims(i0, i1) -> (i1 - i0, N)``,
-    ``batch_size`` at a time (the last chunk padded, so one program serves all).
+    a quarter of ``batch_size`` at a time (the last chunk padded, so one program
+    serves every chunk and every pass).
     Returns stacked x, u, f, status and converged (numpy)."""
     from tqdm.auto import tqdm
 
@@ -124,26 +124,26 @@ def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
     x_hat, u_hat = np.asarray(fit._fit.x), np.asarray(fit._fit.u)
     L = jnp.asarray(wald_factor(fit))
     run = batched_refit(model, _PASS)
+    # every pass runs the same compiled program (one batch shape): a second program
+    # for the resumed few cost as much compile time as all the refits
+    size = max(8, batch_size // 4)
     parts = []
     bar = tqdm(total=sims.n, desc=desc, disable=not progress or sims.n <= batch_size, leave=False)
     for lo in range(0, sims.n, batch_size):
         hi = min(lo + batch_size, sims.n)
         Y = np.asarray(sims(lo, hi), float)
         X0, U0 = np.broadcast_to(x_hat, (hi - lo,) + x_hat.shape), np.broadcast_to(u_hat, (hi - lo,) + u_hat.shape)
-        res = _run_chunks(run, Y, X0, U0, L, d, batch_size, bar)
+        res = _run_chunks(run, Y, X0, U0, L, d, size, bar)
         res["Y"] = Y
         parts.append(res)
     bar.close()
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stalled = np.zeros(sims.n, bool)
-    # the slow few: a smaller batch (a second compiled program), so that they do not
-    # pay for a whole chunk of padding
-    resume_size = max(8, batch_size // 4)
     for _ in range(_RESUMES):
         again = np.flatnonzero(out["status"] != 0)
         if not again.size:
             break
-        more = _run_chunks(run, out["Y"][again], out["x"][again], out["u"][again], L, d, resume_size)
+        more = _run_chunks(run, out["Y"][again], out["x"][again], out["u"][again], L, d, size)
         keep = np.isfinite(more["f"]) & ~(more["f"] > out["f"][again])
         # a pass that gains nothing: the replicate creeps along a boundary (an sd to 0,
         # a correlation to +/-1) where the likelihood is flat; its estimate is final
