@@ -8,7 +8,7 @@ import pytest
 
 import tmbx
 from tmbx._config import compile_options
-from tmbx._internal import eval_once, to_device, unique_sorted
+from tmbx._internal import _method_program, eval_method, to_device, unique_sorted
 
 
 def test_unique_sorted_matches_numpy_unique():
@@ -31,11 +31,23 @@ def test_to_device_keeps_values_and_dtypes():
     assert float(jax.jit(lambda v: jnp.sum(to_device(v) * 2))(jnp.ones(3))) == 6.0
 
 
-def test_eval_once_returns_numpy():
-    out = eval_once(lambda a, b: (jnp.exp(a), {"s": a + b}), np.zeros(2), 1.0)
-    assert isinstance(out[0], np.ndarray) and isinstance(out[1]["s"], np.ndarray)
-    np.testing.assert_allclose(out[0], 1.0)
-    np.testing.assert_allclose(out[1]["s"], 1.0)
+def test_eval_method_matches_eager_and_compiles_once_per_shape():
+    """A structure's method through `eval_method` equals its eager value (NumPy out),
+    and a second call of the same type, method and shapes reuses the program."""
+    from tmbx.covstructs import corr_to_theta, get
+
+    us = get("us", dim=3)
+    sd = np.array([0.5, 1.5, 2.0])
+    corr = np.array([[1.0, 0.3, -0.2], [0.3, 1.0, 0.4], [-0.2, 0.4, 1.0]])
+    theta = np.concatenate([np.log(sd), corr_to_theta(corr)])  # glmmTMB's put_cor
+    out = eval_method(us, "cov", theta)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, sd[:, None] * corr * sd[None, :], rtol=1e-12)
+    before = _method_program()._cache_size()
+    eval_method(us, "cov", theta + 1.0)
+    assert _method_program()._cache_size() == before
+    fam = tmbx.families.Gamma(link="log")
+    assert float(eval_method(fam.link, "__call__", 2.0)) == pytest.approx(np.log(2.0), rel=1e-15)
 
 
 def test_compile_options_by_model_size(monkeypatch):

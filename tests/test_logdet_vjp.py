@@ -68,15 +68,21 @@ def _store(layout, A, r, c):
     return jnp.asarray(layout.padding()).at[sl[keep]].add(A[r[keep], c[keep]]), sl, keep
 
 
+def _stored_case(kind, rng):
+    """A random SPD matrix of the layout kind, its pattern (r, c) and its storage."""
+    A, lay = _case(kind, rng)
+    r, c = np.nonzero(A)
+    flat, sl, keep = _store(lay, A, r, c)
+    return A, lay, r, c, flat, sl, keep
+
+
 KINDS = ["dense", "arrow_k1", "arrow_k2", "banded"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logdet_rule_matches_finite_differences(kind):
     rng = np.random.default_rng(1)
-    A, lay = _case(kind, rng)
-    r, c = np.nonzero(A)
-    flat, sl, keep = _store(lay, A, r, c)
+    A, lay, r, c, flat, sl, keep = _stored_case(kind, rng)
     F = lay.factor(flat)
     assert float(F.logdet()) == pytest.approx(np.linalg.slogdet(A)[1], abs=1e-12)
     Ainv = np.linalg.inv(A)
@@ -104,9 +110,7 @@ def test_logdet_rule_matches_finite_differences(kind):
 def test_logdet_rule_second_derivative(kind):
     """Hessian of log det along two symmetric directions: -tr(A^-1 dA A^-1 dB)."""
     rng = np.random.default_rng(2)
-    A, lay = _case(kind, rng)
-    r, c = np.nonzero(A)
-    flat, sl, keep = _store(lay, A, r, c)
+    A, lay, r, c, flat, sl, keep = _stored_case(kind, rng)
     Ainv = np.linalg.inv(A)
 
     def sym_direction():
@@ -125,10 +129,7 @@ def test_logdet_rule_second_derivative(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_selected_inverse_diagonal(kind):
-    rng = np.random.default_rng(3)
-    A, lay = _case(kind, rng)
-    r, c = np.nonzero(A)
-    flat, _, _ = _store(lay, A, r, c)
+    A, lay, _, _, flat, _, _ = _stored_case(kind, np.random.default_rng(3))
     np.testing.assert_allclose(np.asarray(lay.factor(flat).diag_inverse()), np.diag(np.linalg.inv(A)),
                                rtol=1e-12, atol=1e-14)
 

@@ -7,6 +7,7 @@ families/ and covstructs/ reach these by relative import
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -103,13 +104,21 @@ def to_device(a, dtype=None):
     return jax.device_put(np.asarray(a, dtype))
 
 
-def eval_once(fn, *args):
-    """Evaluate a small JAX function of concrete inputs as one compiled program,
-    results as NumPy. Run op by op, each operation's first use compiles its own
-    program (about 20 ms each, dozens for a covariance structure's factor), so
-    setup and post-fit code that calls a structure or family once is cheaper
-    jitted whole."""
+@functools.cache
+def _method_program():
+    import jax
+
+    return jax.jit(lambda obj, args, method: getattr(obj, method)(*args), static_argnums=2)
+
+
+def eval_method(obj, method, *args):
+    """``getattr(obj, method)(*args)`` for an equinox module (a covariance structure,
+    a family, a link) and concrete inputs, run as one compiled program, results as
+    NumPy. Run op by op, each operation's first use compiles its own program
+    (about 20 ms each, dozens for a structure's factor); jitted here, the program
+    is compiled once per module type, method and argument shapes, and reused by
+    every later call in the process."""
     import jax
     import numpy as np
 
-    return jax.tree_util.tree_map(np.asarray, jax.jit(fn)(*args))
+    return jax.tree_util.tree_map(np.asarray, _method_program()(obj, args, method))

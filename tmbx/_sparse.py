@@ -96,12 +96,17 @@ class _lapack_threads:
     (The Cholesky factorization itself stays in XLA: through a host call it was
     no faster inside a fit, the call's copies eating what the threads gained.)"""
 
-    def __enter__(self):
+    @staticmethod
+    @functools.cache
+    def _scipy_blas():
         from threadpoolctl import ThreadpoolController
 
+        return [lib for lib in ThreadpoolController().lib_controllers
+                if "scipy" in lib.filepath.replace("\\", "/")]
+
+    def __enter__(self):
         n = int(os.environ.get("TMBX_LAPACK_THREADS_LARGE", os.cpu_count() or 1))
-        self._libs = [lib for lib in ThreadpoolController().lib_controllers
-                      if "scipy" in lib.filepath.replace("\\", "/")]
+        self._libs = self._scipy_blas()
         self._old = [lib.num_threads for lib in self._libs]
         for lib in self._libs:
             lib.set_num_threads(n)

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from .._internal import eval_once
+from .._internal import eval_method
 
 # structures judged on their sd only: a kernel over close locations is
 # numerically rank-deficient by design
@@ -65,13 +65,10 @@ def relative_covariances(fit) -> dict:
     """term key -> (TermInfo, relative covariance cov / sigma^2 as a numpy array)."""
     p = fit._par()
     s2 = relative_scale(fit) ** 2
-    terms = fit.template.terms
-    thetas = [p["theta" if t.component == "cond" else "thetazi"][t.theta_slice] for t in terms]
-    # every term's covariance in one compiled program (see `eval_once`)
-    covs = eval_once(lambda ths: [t.struct.cov(th) for t, th in zip(terms, ths)], thetas)
     out = {}
-    for t, cov in zip(terms, covs):
-        cov = np.asarray(cov, float) / s2
+    for t in fit.template.terms:
+        theta = p["theta" if t.component == "cond" else "thetazi"][t.theta_slice]
+        cov = np.asarray(eval_method(t.struct, "cov", theta), float) / s2
         key = t.group if t.component == "cond" else f"zi:{t.group}"
         if key in out:  # several terms on one grouping factor: (1|g) + (0+x|g)
             key = f"{key}.{len([k for k in out if k.split('.')[0] == key])}"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .._internal import LazyModule, eval_once
+from .._internal import LazyModule, eval_method
 
 sst = LazyModule("scipy.stats")
 scipy_special = LazyModule("scipy.special")
@@ -205,7 +205,7 @@ class GlmmFit:
             return None
         bd = float(self._par()["betadisp"][0])
         psi = self._par().get("psi")
-        return float(eval_once(fam.sigma, bd, psi))
+        return float(eval_method(fam, "sigma", bd, psi))
 
     def ranef(self, condVar: bool = True) -> dict:
         """Conditional modes of the random effects (and their sds): dict group -> DataFrame."""
@@ -215,7 +215,7 @@ class GlmmFit:
         for t in self.template.terms:
             bkey, thkey = ("b", "theta") if t.component == "cond" else ("bzi", "thetazi")
             u = p[bkey][t.b_slice].reshape(t.m, t.k)
-            T = eval_once(t.struct.factor, p[thkey][t.theta_slice])
+            T = eval_method(t.struct, "factor", p[thkey][t.theta_slice])
             b = u @ T.T
             df = pd.DataFrame(b, index=pd.Index(t.levels, name=t.group), columns=t.terms)
             if condVar:
@@ -345,7 +345,7 @@ class GlmmFit:
             if not new.any():
                 continue
             th = p["theta" if component == "cond" else "thetazi"][t.theta_slice]
-            S = eval_once(t.struct.cov, th)
+            S = eval_method(t.struct, "cov", th)
             Z = np.asarray(d[component]["Z"][j])[new]
             extra[new] += np.einsum("ij,jk,ik->i", Z, S, Z)
         return extra

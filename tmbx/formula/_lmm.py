@@ -46,7 +46,7 @@ import numpy as np
 import scipy.sparse as sps
 
 from .._optim import BFGSOptions, bfgs
-from .._internal import eval_once, to_device, unique_sorted
+from .._internal import eval_method, to_device, unique_sorted
 from .._sparse import choose_layout
 
 LOG_2PI = math.log(2 * math.pi)
@@ -215,7 +215,7 @@ class ProfiledLMM:
             if not m.any():
                 return None
             th = rng.normal(size=len(names)) * 0.3
-            T0, T1 = eval_once(lambda a, b, f=t.struct.factor: (f(a), f(b)), th, th + 0.37 * m)
+            T0, T1 = (eval_method(t.struct, "factor", v) for v in (th, th + 0.37 * m))
             if not np.allclose(T1, math.exp(0.37) * T0, rtol=1e-10, atol=1e-12):
                 return None
             mask[t.theta_slice] = m

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import covstructs, families
-from .._internal import eval_once
+from .._internal import eval_method
 from .._model import LatentGaussian, Model
 from .._params import ParamSpace
 
@@ -106,7 +106,7 @@ def _start_beta(fam, comp, y, trials):
     if "Intercept" in comp.names:
         ybar = np.mean(y / trials) if trials is not None else np.mean(y)
         try:
-            val = float(eval_once(fam.link, np.clip(ybar, 1e-3, None) if ybar <= 0 else float(ybar)))
+            val = float(eval_method(fam.link, "__call__", np.clip(ybar, 1e-3, None) if ybar <= 0 else float(ybar)))
             if ybar >= 1 and fam.link.name == "logit":
                 val = 0.0
             if np.isfinite(val):
