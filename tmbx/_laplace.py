@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._internal import to_device
+from ._internal import batched_like, to_device
 
 # Inner-solve status codes (data, so they survive jit and vmap).
 INNER_OK = 0
@@ -145,7 +145,7 @@ class Laplace:
                 a = a * 0.5
                 return a, f(u + a * step), k + 1
 
-            a, fnew, k = jax.lax.while_loop(ls_cond, ls_body, (1.0, f(u + step), 0))
+            a, fnew, k = jax.lax.while_loop(ls_cond, ls_body, batched_like((1.0, f(u + step), 0), step))
             accepted = good_factor & jnp.isfinite(fnew) & (
                 fnew <= fu - 1e-4 * a * dec + 1e-12 * jnp.abs(fu)
             )
@@ -168,7 +168,7 @@ class Laplace:
             return it + 1, u_new, f_new, lam_new, status_new, converged | stuck
 
         init = (0, u0, f0, jnp.asarray(0.0), jnp.asarray(INNER_MAXITER), jnp.asarray(False))
-        it, u, fu, lam, status, done = jax.lax.while_loop(cond, body, init)
+        it, u, fu, lam, status, done = jax.lax.while_loop(cond, body, batched_like(init, u0))
         status = jnp.where(jnp.isfinite(fu), status, INNER_NONFINITE)
         return u, status, it
 

@@ -21,6 +21,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._internal import batched_like
+
 OUTER_OK = 0
 OUTER_MAXITER = 1
 OUTER_LINESEARCH = 2
@@ -69,13 +71,16 @@ class BFGSOptions(eqx.Module):
     max_expand: int = 5
 
 
-def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None):
+def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None,
+         hinv0=None):
     """Minimize ``f``; ``value_and_grad(x, aux, data) -> (f, g, aux_new)``.
 
     Returns a dict with ``x, f, g, aux, status, iterations, hessian`` (the
     finite-difference Hessian at ``x`` when polishing, else zeros).
     ``max_evals`` (may be traced) overrides ``options.max_evals``: one compiled
-    program then serves runs with different budgets.
+    program then serves runs with different budgets. ``hinv0``: a starting inverse
+    Hessian (e.g. a refit's, from the original fit: the first steps are then
+    Newton steps rather than a scaled steepest descent); default the identity.
 
     The body is branch-free (every update is computed and selected with
     ``where``): the state is small, and ``cond`` branches would each carry a
@@ -122,7 +127,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
 
         # ---- first evaluation (at x0): the objective appears once in the program
         ini = phase == _INIT
-        p_ini = direction(eye, gt, True)
+        p_ini = direction(st["Hinv"], gt, st["first"])
         done_ini = ini & (~finite_t | small_grad(ft, gt))
 
 
@@ -242,15 +247,16 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         return (st["phase"] != _DONE) & (st["evals"] < limit)
 
     st = dict(
-        x=x0, f=jnp.asarray(jnp.inf, x0.dtype), g=jnp.zeros_like(x0), aux=aux0, Hinv=eye,
+        x=x0, f=jnp.asarray(jnp.inf, x0.dtype), g=jnp.zeros_like(x0), aux=aux0,
+        Hinv=eye if hinv0 is None else hinv0,
         p=jnp.zeros_like(x0), a=jnp.asarray(1.0), xt=x0,
-        halvings=jnp.asarray(0), first=jnp.asarray(True), nsmall=jnp.asarray(0), nfail=jnp.asarray(0),
+        halvings=jnp.asarray(0), first=jnp.asarray(hinv0 is None), nsmall=jnp.asarray(0), nfail=jnp.asarray(0),
         k=jnp.asarray(0), G=jnp.zeros((n, n)), H=jnp.zeros((n, n)), evals=jnp.asarray(0),
         JA=jnp.zeros((opt.jac_aux, n)), JAfin=jnp.zeros((opt.jac_aux, n)),
         xb=x0, fb=jnp.asarray(jnp.inf, x0.dtype), gb=jnp.zeros_like(x0), auxb=aux0, nexp=jnp.asarray(0),
         status=jnp.asarray(OUTER_MAXITER), phase=jnp.asarray(_INIT),
     )
-    st = jax.lax.while_loop(cond, body, st)
+    st = jax.lax.while_loop(cond, body, batched_like(st, x0))
     out = dict(x=st["x"], f=st["f"], g=st["g"], aux=st["aux"], status=st["status"],
                iterations=st["evals"], hessian=st["H"])
     if opt.jac_aux:

@@ -437,7 +437,7 @@ class ProfiledLMM:
         perm = self._x_order()
         return dict(x=self._x_of(z, beta), u=self._flatten({"b": u / jnp.sqrt(s2), "beta": beta}, "u"),
                     f=res["f"], g=g[perm], status=res["status"], iterations=res["iterations"],
-                    hessian=H[perm][:, perm], conditioning=self._conditioning(jnp.linalg.cholesky(S), D),
+                    hessian=H[perm][:, perm], hessian_zeta=res["hessian"], conditioning=self._conditioning(jnp.linalg.cholesky(S), D),
                     **(self._reml_parts(s2, S, Jx[:, perm]) if self.reml else {}))
 
     def _fit_impl(self, z0, D):
@@ -597,6 +597,7 @@ class ProfiledLMM:
             return None
         fit = Fit(model, data, res)
         fit._lmm = self
+        fit._zeta_hessian = np.asarray(res["hessian_zeta"]) if "hessian_zeta" in res else None
         if self.reml:  # beta's conditional covariance and d beta_hat / dx, for GlmmFit.vcov
             fit._reml_beta = (np.asarray(res["beta_cov"]), np.asarray(res["beta_jac"]))
         fit._warn()
@@ -607,15 +608,16 @@ class ProfiledLMM:
         return jnp.concatenate([p["theta"], p["betadisp"]])
 
     # ------------------------------------------------------------ batched refits
-    def _refit_impl(self, zeta0, D, options, max_evals=None):
-        """One refit for the bootstrap: BFGS over zeta from ``zeta0``, no Hessian."""
+    def _refit_impl(self, zeta0, D, options, max_evals=None, hinv0=None):
+        """One refit for the bootstrap: BFGS over zeta from ``zeta0`` (inverse Hessian
+        ``hinv0`` to start with), no Hessian."""
         p, nth = self.p, zeta0.shape[0]
 
         def vg(z, aux, data):
             (f, aux_new), g = jax.value_and_grad(self.profiled_rel, has_aux=True)(z, data)
             return f, g, aux_new
 
-        res = bfgs(vg, zeta0, jnp.zeros(p + nth + 1 + p * p + self.q), D, options, max_evals)
+        res = bfgs(vg, zeta0, jnp.zeros(p + nth + 1 + p * p + self.q), D, options, max_evals, hinv0)
         zeta, aux = res["x"], res["aux"]
         beta, r2 = aux[:p] + D["beta0"], aux[p + nth]
         s2 = r2 / self._n_eff(D)
@@ -626,7 +628,7 @@ class ProfiledLMM:
         return {"x": x, "u": u, "zeta": zeta, "f": res["f"], "status": res["status"], "iterations": res["iterations"],
                 "gmax": jnp.max(jnp.abs(res["g"]), initial=0.0)}
 
-    def refit_many(self, Y, x_start, batch_size, bar=None, first_pass=12, max_evals=300):
+    def refit_many(self, Y, x_start, batch_size, bar=None, first_pass=12, max_evals=300, hessian=None):
         """Refit to each row of the responses ``Y`` (B, N) in one vmapped program;
         only the response's cross-products differ between replicates (Z'Wy, X'Wy,
         y'Wy), the rest of the data is shared.
@@ -637,41 +639,62 @@ class ProfiledLMM:
         program, ``batch_size / 4`` replicates at a time, with the evaluation budget
         an argument: a second program (another budget or batch shape) cost
         sleepstudy's 1,000-replicate bootstrap 4-5 s of compilation, about as much
-        as everything else together."""
+        as everything else together.
+
+        ``hessian``: the fitted model's Hessian in zeta (the original fit's): its
+        inverse starts each replicate's BFGS, whose first steps are then close to
+        Newton steps (half the evaluations of a start from a scaled identity)."""
         Yc = np.asarray(Y, float) - self._offset - self._X @ self.beta0
         stats = (np.asarray((self._WZt @ Yc.T).T), Yc @ self._WX, np.sum(self._w * Yc * Yc, axis=1))
         z = np.asarray(self._z_of_x(x_start))
         B = Yc.shape[0]
         zeta0 = np.broadcast_to(z[:-1] - 0.5 * z[-1] * self.sd_mask, (B, z.size - 1))
         size = max(8, batch_size // 4)
-        out = self._refit_chunks(zeta0, stats, np.arange(B), size, first_pass, bar)
+        hinv0 = _inverse_if_pd(hessian)
+        out = self._refit_chunks(zeta0, stats, np.arange(B), size, first_pass, bar, hinv0)
         again = np.flatnonzero(out["status"] != 0)
         if again.size:
-            more = self._refit_chunks(out["zeta"], stats, again, size, max_evals)
+            more = self._refit_chunks(out["zeta"], stats, again, size, max_evals, None, hinv0)
             for k in out:
                 out[k][again] = more[k]
         del out["zeta"]
         return out
 
-    def _refit_chunks(self, zeta0, stats, rows, size, max_evals, bar=None):
-        if size not in self._compiled_many:
+    def _refit_chunks(self, zeta0, stats, rows, size, max_evals, bar=None, hinv0=None):
+        key = (size, hinv0 is None)
+        if key not in self._compiled_many:
             options = BFGSOptions(polish=False, gtol=1e-7)
 
-            def one(z0, zty, xty, yty, D, budget):
+            def one(z0, zty, xty, yty, D, budget, h0):
                 Dy = dict(D, ZtXy=jnp.concatenate([D["ZtXy"][:, :-1], zty[:, None]], axis=1), Xty=xty, yty=yty)
-                return self._refit_impl(z0, Dy, options, budget)
+                return self._refit_impl(z0, Dy, options, budget, h0)
 
-            self._compiled_many[size] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None, None)))
-        run = self._compiled_many[size]
+            self._compiled_many[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None)))
+        run = self._compiled_many[key]
         out = {}
         for lo in range(0, rows.size, size):
             idx = rows[lo: lo + size]
             idx = np.concatenate([idx, np.repeat(idx[:1], size - idx.size)])  # pad: one program
-            args = [jnp.asarray(np.asarray(a)[idx]) for a in (zeta0,) + stats]
-            res = run(*args, self.data, jnp.asarray(max_evals))
+            args = [to_device(np.asarray(a)[idx]) for a in (zeta0,) + stats]
+            res = run(*args, self.data, to_device(max_evals), None if hinv0 is None else to_device(hinv0))
             n = min(size, rows.size - lo)
             for k, v in res.items():
                 out.setdefault(k, []).append(np.asarray(v)[:n])
             if bar is not None:
                 bar.update(n)
         return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _inverse_if_pd(H):
+    """``H^-1`` of a symmetric positive definite Hessian (NumPy), else None."""
+    if H is None:
+        return None
+    H = 0.5 * (np.asarray(H, float) + np.asarray(H, float).T)
+    if H.size == 0 or not np.all(np.isfinite(H)):
+        return None
+    try:
+        L = np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        return None
+    Linv = np.linalg.inv(L)
+    return Linv.T @ Linv

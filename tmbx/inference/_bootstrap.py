@@ -116,7 +116,8 @@ def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
         # a linear mixed model fitted by profiled least squares: its refits need only
         # each response's cross-products with the design, and no Laplace machinery
         bar = tqdm(total=sims.n, desc=desc, disable=not progress or sims.n <= batch_size, leave=False)
-        out = lmm.refit_many(sims(0, sims.n), fit._fit.x, batch_size, bar)
+        out = lmm.refit_many(sims(0, sims.n), fit._fit.x, batch_size, bar,
+                             hessian=getattr(fit._fit, "_zeta_hessian", None))
         bar.close()
         out["converged"] = np.isfinite(out["f"]) & ((out["status"] == 0) | (out["gmax"] <= _GRAD_OK))
         return out

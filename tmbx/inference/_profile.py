@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .._internal import LazyModule
+from .._internal import LazyModule, eval_method, to_device
 from .._laplace import INNER_OK
 from .._optim import BFGSOptions, bfgs
 
@@ -89,9 +89,9 @@ def named_parameters(fit):
                 def cor(p, t=t, th=th, sd=sd, i=i, j=j):
                     return t.struct.cov(th(p))[i, j] / (sd(p)[i] * sd(p)[j])
                 entries.append((f"{pre}cor_{t.terms[i]}.{t.terms[j]}|{t.group}", cor))
-        probe = t.struct._report_extra(jnp.asarray(t.struct.start(), float))
+        probe = eval_method(t.struct, "_report_extra", np.asarray(t.struct.start(), float))
         for name, val in probe.items():
-            if jnp.ndim(val) == 0:
+            if np.ndim(val) == 0:
                 entries.append((f"{pre}{name}|{t.group}",
                                 lambda p, t=t, th=th, name=name: t.struct._report_extra(th(p))[name]))
     names = [e[0] for e in entries]
@@ -166,8 +166,7 @@ def _specs(fit, wanted):
         if fit.sigma is not None:
             psi = p.get("psi")
             add("sigma", "betadisp", 0,
-                lambda s: np.asarray(jax.vmap(lambda v: fam.sigma(v, psi))(jnp.atleast_1d(jnp.asarray(s, float)))),
-                "sd")
+                _pointwise(lambda v, psi=psi: eval_method(fam, "sigma", v, psi)), "sd")
         else:
             for j, nm in enumerate(fit.template.names["betadisp"]):
                 add("disp~" + nm, "betadisp", j, ident, "beta")
@@ -195,10 +194,10 @@ def _specs(fit, wanted):
                             w[c] = 1.0
                 add(name, key, base + t.k + q, lambda s: np.asarray(s) / np.sqrt(1 + np.asarray(s) ** 2),
                     "cor", w)
-        th_hat = jnp.asarray(p[key][t.theta_slice], float)
-        for ename, val in t.struct._report_extra(th_hat).items():
+        th_hat = np.asarray(p[key][t.theta_slice], float)
+        for ename, val in eval_method(t.struct, "_report_extra", th_hat).items():
             name = f"{pre}{ename}|{t.group}"
-            if jnp.ndim(val) or name not in wanted:
+            if np.ndim(val) or name not in wanted:
                 continue
             grad = np.asarray(jax.grad(lambda th, t=t, ename=ename: t.struct._report_extra(th)[ename])(th_hat))
             dep = np.flatnonzero(grad != 0)
@@ -207,12 +206,26 @@ def _specs(fit, wanted):
                 continue
             pos = int(dep[0])
 
-            def g(s, t=t, pos=pos, ename=ename, th_hat=th_hat):
-                f = lambda v: t.struct._report_extra(th_hat.at[pos].set(v))[ename]
-                return np.asarray(jax.vmap(f)(jnp.atleast_1d(jnp.asarray(s, float))))
+            def g(v, t=t, pos=pos, ename=ename, th_hat=th_hat):
+                th = th_hat.copy()
+                th[pos] = v
+                return eval_method(t.struct, "_report_extra", th)[ename]
 
-            add(name, key, base + pos, g, "cor" if ename == "rho" else "other")
+            add(name, key, base + pos, _pointwise(g), "cor" if ename == "rho" else "other")
     return specs, skipped
+
+
+def _pointwise(f):
+    """A vectorized NumPy ``g(s)`` from a scalar function that runs a compiled program
+    (`eval_method`: one program per module type, reused for every point and every
+    later profile; mapped with ``jax.vmap`` op by op instead, each new number of
+    points compiled its own programs)."""
+
+    def g(s):
+        s = np.asarray(s, float)
+        return np.reshape([float(f(v)) for v in s.reshape(-1)], s.shape)
+
+    return g
 
 
 # ---------------------------------------------------------------------- solver
@@ -393,7 +406,7 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     from tqdm.auto import tqdm
 
     pfit, crit = _ml_fit(fit, criterion)
-    names, value_fn = named_parameters(pfit)
+    names, _ = named_parameters(pfit)
     wanted = check_parm(parm, names)
     specs, skipped = _specs(pfit, set(wanted))
     # one batch size per model (that of the full profile), so a profile of a few
@@ -406,7 +419,6 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     model = pfit.model
     f0 = pfit._fit
     x_hat, u_hat = np.asarray(f0.x), np.asarray(f0.u)
-    est_all = {k: float(v) for k, v in value_fn(model.space.unflatten(jnp.asarray(x_hat), jnp.asarray(u_hat))).items()}
     V, slope, wald_se = _trace_directions(f0, len(x_hat))
     for sp_ in specs:
         scale = math.sqrt(1.0 + float(np.sum(sp_.w * x_hat ** 2)))
@@ -443,7 +455,9 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
                       "ill-conditioned likelihood (e.g. separation in a binomial model) is the usual "
                       "cause; check fit.diagnose().", RuntimeWarning, stacklevel=2)
     table = runner.table()
-    estimate = {sp_.name: est_all[sp_.name] for sp_ in specs}
+    # each parameter's value at the optimum is its g at s_hat (g maps the held
+    # coordinate to lme4's scale), so no op-by-op evaluation of the model's reporting
+    estimate = {sp_.name: float(np.reshape(sp_.g(sp_.s_hat), -1)[0]) for sp_ in specs}
     return Profile(specs, table, estimate, crit, skipped)
 
 
@@ -511,12 +525,12 @@ class _Runner:
             chunk = todo[lo:lo + self.batch]
             pad = chunk + [chunk[0]] * (self.batch - len(chunk))
             starts = [self._start(k, s) for k, s in pad]
-            Z = jnp.asarray(np.stack([a for a, _ in starts]))
-            U = jnp.asarray(np.stack([b for _, b in starts]))
-            C = jnp.asarray([self.specs[k].coord for k, _ in pad], jnp.int32)
-            S = jnp.asarray([s for _, s in pad], float)
-            W = jnp.asarray(np.stack([self.specs[k].w for k, _ in pad]))
-            L = jnp.asarray(np.stack([self.factors[k] for k, _ in pad]))
+            Z = to_device(np.stack([a for a, _ in starts]))
+            U = to_device(np.stack([b for _, b in starts]))
+            C = to_device([self.specs[k].coord for k, _ in pad], np.int32)
+            S = to_device([s for _, s in pad], float)
+            W = to_device(np.stack([self.specs[k].w for k, _ in pad]))
+            L = to_device(np.stack([self.factors[k] for k, _ in pad]))
             x, u, f, status = (np.asarray(a) for a in self.solve(Z, U, C, S, W, L, self.model.data))
             for i, (k, s) in enumerate(chunk):
                 ok = bool(np.isfinite(f[i])) and int(status[i]) in (0, 2)
