@@ -222,3 +222,30 @@ def test_unbounded_side_is_reported():
         ci = fit.profile(parm=["x", "sd_Intercept|g"], progress=False).confint()
     assert ci.loc["x", "upper"] == np.inf
     assert ci.loc["sd_Intercept|g", "lower"] == 0.0 and np.isfinite(ci.loc["sd_Intercept|g", "upper"])
+
+
+def test_every_correlation_of_a_three_term_us_matches_lme4():
+    """cor(x2, x1) of (x1 + x2 | g) depends on three coordinates of glmmTMB's
+    unit-lower-triangular parameterization (held by `_hold`'s quadratic): lme4's
+    limits within 0.5% of the width. Reordering the terms so that the same
+    correlation becomes a first-column one, (0 + x1 + x2 + one | g), gives the
+    same interval (the profile does not depend on the parameterization), and
+    cor(x2, Intercept) of the first model is checked the same way (lme4 warns
+    that its own profile of that one is non-monotonic, so its limits are not used)."""
+    ref = _load(INF / "k3_us_lme4.json")
+    df = pd.read_csv(INF / "k3_us.csv")
+    df["one"] = 1.0
+    fit = tmbx.glmm("y ~ x1 + x2 + (x1 + x2 | g)", data=df, reml=False)
+    assert fit.loglik == pytest.approx(ref["loglik"], abs=1e-5)
+    parm = ["cor_x2.x1|g", "cor_x1.Intercept|g", "cor_x2.Intercept|g", "sd_x2|g"]
+    ci = fit.confint(method="profile", parm=parm)
+    for name in parm[:2] + parm[3:]:
+        lo, hi = ref["ci"][name.replace("Intercept", "(Intercept)")]
+        assert abs(ci.loc[name, "lower"] - lo) <= 5e-3 * (hi - lo), name
+        assert abs(ci.loc[name, "upper"] - hi) <= 5e-3 * (hi - lo), name
+    re = tmbx.glmm("y ~ x1 + x2 + (0 + x1 + x2 + one | g)", data=df, reml=False)
+    ci2 = re.confint(method="profile", parm=["cor_x2.x1|g", "cor_one.x2|g"])
+    for a, b in (("cor_x2.x1|g", "cor_x2.x1|g"), ("cor_x2.Intercept|g", "cor_one.x2|g")):
+        width = ci.loc[a, "upper"] - ci.loc[a, "lower"]
+        for side in ("lower", "upper"):
+            assert abs(ci.loc[a, side] - ci2.loc[b, side]) <= 1e-3 * width, (a, side)

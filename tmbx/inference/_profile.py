@@ -23,12 +23,11 @@ Which coordinate is held:
   unit-lower-triangular L gives cor(i, 0) = L[i,0] / ||L_i||, so holding
   s = L[i,0] / sqrt(1 + sum_{0<j<i} L[i,j]^2) holds cor = s / sqrt(1 + s^2)
   (for a 2x2 term L[1,0] itself);
+- the other correlations cor(i, j), 0 < j < i, of a ``us`` term with k > 2:
+  L[i,j] is solved from the held cor and the other coordinates (a quadratic;
+  `_hold`), so that the optimizer moves everything else freely;
 - structure parameters (ar1 ``rho``, ``range``, ...) that depend on a single
   theta coordinate: that coordinate.
-
-Correlations cor(i, j) with 0 < j < i of a ``us`` term with k > 2 depend on
-several coordinates in a way that cannot be held by one; they are not
-profiled (a warning says so; their Wald or bootstrap intervals remain).
 """
 
 from __future__ import annotations
@@ -131,6 +130,51 @@ class _Spec:
     kind: str  # "beta", "sd", "cor", "other": what an unreached side means
     s_hat: float = 0.0
     se: float = 1.0
+    # a correlation cor(i, j), j > 0, of a us term (see `_hold`): row j's entries
+    # (wj) and the pairs (L_ik, L_jk), k < j, of the inner product (pairs)
+    wj: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+
+    def s_of(self, x):
+        """The held coordinate's s at the parameter vector x (the inverse of `_hold`)."""
+        x = np.asarray(x, float)
+        b = 1.0 + float(np.sum(self.w * x * x))
+        if self.wj is None:
+            return float(x[self.coord] / math.sqrt(b))
+        a, nj = float(x @ self.pairs @ x), 1.0 + float(np.sum(self.wj * x * x))
+        t = x[self.coord]
+        r = (a + t) / math.sqrt((b + t * t) * nj)
+        return float(r / math.sqrt(max(1.0 - r * r, 1e-300)))
+
+
+def _hold(s, z, c, w, wj, pairs):
+    """The held coordinate x[c] given s and the other coordinates z.
+
+    For a parameter whose value is s / sqrt(1 + s^2) with x[c] = s sqrt(b),
+    b = 1 + sum(w z^2) (an sd, a fixed effect with w = 0, or the correlation
+    cor(i, 0) of a us term: x[c] = L_i0, b = |L_i|^2 - L_i0^2) it is that.
+    A correlation cor(i, j), j > 0, of a us term (unit lower-triangular L, rows
+    L_i) is r = (a + t) / sqrt((b + t^2) n_j) in t = L_ij, with
+    a = sum_{k<j} L_ik L_jk, b = |L_i|^2 - t^2 and n_j = |L_j|^2: t solves the
+    quadratic (1 - c) v^2 + 2 a c v - c (a^2 + b) = 0 in v = a + t, c = r^2 n_j,
+    at the root that gives r back (NaN where the other coordinates leave r out
+    of reach: the optimizer then steps back)."""
+    b = 1.0 + jnp.sum(w * z * z)
+    simple = s * jnp.sqrt(b)
+    r = s / jnp.sqrt(1.0 + s * s)
+    a = z @ pairs @ z
+    nj = 1.0 + jnp.sum(wj * z * z)
+    cc = r * r * nj
+    one_c = jnp.where(jnp.abs(1.0 - cc) < 1e-12, 1e-12, 1.0 - cc)
+    disc = cc * (a * a + b * one_c)
+    # sqrt with a finite derivative wherever it is not used (disc = 0: r = 0)
+    pos = disc > 0
+    root = jnp.where(pos, jnp.sqrt(jnp.where(pos, disc, 1.0)), jnp.where(disc == 0, 0.0, jnp.nan))
+    v = jnp.stack([(-a * cc + root) / one_c, (-a * cc - root) / one_c])
+    t = v - a
+    err = jnp.abs(v / jnp.sqrt((b + t * t) * nj) - r)
+    general = t[jnp.argmin(jnp.where(jnp.isfinite(err), err, jnp.inf))]
+    return jnp.where(jnp.any(wj != 0), general, simple)
 
 
 def _x_index(sp, key, i):
@@ -180,20 +224,23 @@ def _specs(fit, wanted):
             tril = list(zip(*np.tril_indices(t.k, -1)))
             for q, (i, j) in enumerate(tril):
                 name = f"{pre}cor_{t.terms[i]}.{t.terms[j]}|{t.group}"
-                if j != 0:
-                    if name in wanted:
-                        skipped.append((name, ("a correlation between two non-first terms of a us "
-                                               "term with k > 2 depends on several parameters; use "
-                                               "method='boot' or 'wald' for it")))
-                    continue
-                w = np.zeros(n)
-                for qq, (ii, jj) in enumerate(tril):
-                    if ii == i and jj > 0:
-                        c = _x_index(sp, key, base + t.k + qq)
-                        if c >= 0:
-                            w[c] = 1.0
+                pos = {pair: _x_index(sp, key, base + t.k + qq) for qq, pair in enumerate(tril)}
+                w = np.zeros(n)  # row i's other entries
+                for (ii, jj), c in pos.items():
+                    if ii == i and jj != j and c >= 0:
+                        w[c] = 1.0
+                wj = pairs = None
+                if j > 0:
+                    wj, pairs = np.zeros(n), np.zeros((n, n))
+                    for kk in range(j):
+                        if pos[(j, kk)] >= 0:
+                            wj[pos[(j, kk)]] = 1.0
+                            if pos[(i, kk)] >= 0:
+                                pairs[pos[(i, kk)], pos[(j, kk)]] = 1.0
                 add(name, key, base + t.k + q, lambda s: np.asarray(s) / np.sqrt(1 + np.asarray(s) ** 2),
                     "cor", w)
+                if specs and specs[-1].name == name:
+                    specs[-1].wj, specs[-1].pairs = wj, pairs
         th_hat = np.asarray(p[key][t.theta_slice], float)
         for ename, val in eval_method(t.struct, "_report_extra", th_hat).items():
             name = f"{pre}{ename}|{t.group}"
@@ -245,27 +292,27 @@ def _solver(model, options):
     ar = jnp.arange(n)
 
     def vg(y, u0, aux):
-        d, c, s, w, z0, L = aux
+        d, c, s, w, wj, pairs, z0, L = aux
 
         def obj(y):
             z = z0 + L @ y
-            hold = s * jnp.sqrt(1.0 + jnp.sum(w * z * z))
-            x = jnp.where(ar == c, hold, z)
+            x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs), z)
             val, (u, status) = model._objective(x, u0, d)
             return val + 0.5 * y[c] ** 2, (u, status)
 
         (val, (u, status)), g = jax.value_and_grad(obj, has_aux=True)(y)
-        return jnp.where(status != INNER_OK, jnp.inf, val), g, u
+        ok = (status == INNER_OK) & jnp.isfinite(val)
+        return jnp.where(ok, val, jnp.inf), jnp.where(ok, g, 0.0), u
 
-    def one(z0, u0, c, s, w, L, d):
-        res = bfgs(vg, jnp.zeros_like(z0), u0, (d, c, s, w, z0, L), options)
+    def one(z0, u0, c, s, w, wj, pairs, L, d):
+        res = bfgs(vg, jnp.zeros_like(z0), u0, (d, c, s, w, wj, pairs, z0, L), options)
         z = z0 + L @ res["x"]
-        x = jnp.where(ar == c, s * jnp.sqrt(1.0 + jnp.sum(w * z * z)), z)
+        x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs), z)
         return x, res["aux"], res["f"], res["status"]
 
     cache = _SOLVERS.setdefault(model, {})
     if options not in cache:
-        cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None)))
+        cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None)))
     return cache[options]
 
 
@@ -422,7 +469,7 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     V, slope, wald_se = _trace_directions(f0, len(x_hat))
     for sp_ in specs:
         scale = math.sqrt(1.0 + float(np.sum(sp_.w * x_hat ** 2)))
-        sp_.s_hat = float(x_hat[sp_.coord] / scale)
+        sp_.s_hat = sp_.s_of(x_hat)
         se = wald_se[sp_.coord] / scale
         if sp_.kind != "beta":
             se = min(se, 1.0) if np.isfinite(se) else 0.5  # theta coordinates: at most 1 on the log scale
@@ -459,6 +506,10 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     # coordinate to lme4's scale), so no op-by-op evaluation of the model's reporting
     estimate = {sp_.name: float(np.reshape(sp_.g(sp_.s_hat), -1)[0]) for sp_ in specs}
     return Profile(specs, table, estimate, crit, skipped)
+
+
+def _or(a, default):
+    return default if a is None else a
 
 
 def _trace_directions(f0, n):
@@ -530,8 +581,11 @@ class _Runner:
             C = to_device([self.specs[k].coord for k, _ in pad], np.int32)
             S = to_device([s for _, s in pad], float)
             W = to_device(np.stack([self.specs[k].w for k, _ in pad]))
+            n = W.shape[1]
+            WJ = to_device(np.stack([_or(self.specs[k].wj, np.zeros(n)) for k, _ in pad]))
+            PA = to_device(np.stack([_or(self.specs[k].pairs, np.zeros((n, n))) for k, _ in pad]))
             L = to_device(np.stack([self.factors[k] for k, _ in pad]))
-            x, u, f, status = (np.asarray(a) for a in self.solve(Z, U, C, S, W, L, self.model.data))
+            x, u, f, status = (np.asarray(a) for a in self.solve(Z, U, C, S, W, WJ, PA, L, self.model.data))
             for i, (k, s) in enumerate(chunk):
                 ok = bool(np.isfinite(f[i])) and int(status[i]) in (0, 2)
                 self.points[k].append((s, float(f[i]), x[i], u[i], ok))
