@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._hessian import LatentGaussianHessian
+from .._internal import to_device
 from ._layout import LevelBlockHessian, stacked_data
 
 # factor from a member's data size to the memory its fit needs (Hessian
@@ -122,8 +123,10 @@ def fit_chunk(spec: BucketSpec, source, rows, y, count, x0, device=None) -> dict
     data, axes = stacked_data(source, rows, y, count, tmpl.model.data)
     _, prog = _program(spec, axes)
     with jax.default_device(device) if device is not None else contextlib.nullcontext():
-        data = jax.tree_util.tree_map(jnp.asarray, data)
-        res = prog(jnp.asarray(x0), data)
+        # device_put, not jnp.asarray: in JAX 0.10 the latter compiles a small program
+        # per shape, and every bucket brings new shapes
+        data = jax.tree_util.tree_map(to_device, data)
+        res = prog(to_device(x0), data)
     return jax.tree_util.tree_map(np.asarray, res)
 
 

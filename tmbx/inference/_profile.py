@@ -147,7 +147,7 @@ class _Spec:
         return float(r / math.sqrt(max(1.0 - r * r, 1e-300)))
 
 
-def _hold(s, z, c, w, wj, pairs):
+def _hold(s, z, c, w, wj, pairs, general=True):
     """The held coordinate x[c] given s and the other coordinates z.
 
     For a parameter whose value is s / sqrt(1 + s^2) with x[c] = s sqrt(b),
@@ -161,6 +161,8 @@ def _hold(s, z, c, w, wj, pairs):
     of reach: the optimizer then steps back)."""
     b = 1.0 + jnp.sum(w * z * z)
     simple = s * jnp.sqrt(b)
+    if not general:  # no such correlation among the profiled parameters
+        return simple
     r = s / jnp.sqrt(1.0 + s * s)
     a = z @ pairs @ z
     nj = 1.0 + jnp.sum(wj * z * z)
@@ -279,7 +281,7 @@ def _pointwise(f):
 _SOLVERS = weakref.WeakKeyDictionary()  # model -> {options: compiled solver}
 
 
-def _solver(model, options):
+def _solver(model, options, general):
     """``jit(vmap(bfgs))`` over (start z0, latent start, coord c, s, w, L): the marginal
     nll with x[c] held at s * sqrt(1 + sum(w x^2)).
 
@@ -296,7 +298,7 @@ def _solver(model, options):
 
         def obj(y):
             z = z0 + L @ y
-            x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs), z)
+            x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs, general), z)
             val, (u, status) = model._objective(x, u0, d)
             return val + 0.5 * y[c] ** 2, (u, status)
 
@@ -307,13 +309,13 @@ def _solver(model, options):
     def one(z0, u0, c, s, w, wj, pairs, L, d):
         res = bfgs(vg, jnp.zeros_like(z0), u0, (d, c, s, w, wj, pairs, z0, L), options)
         z = z0 + L @ res["x"]
-        x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs), z)
+        x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs, general), z)
         return x, res["aux"], res["f"], res["status"]
 
     cache = _SOLVERS.setdefault(model, {})
-    if options not in cache:
-        cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None)))
-    return cache[options]
+    if (options, general) not in cache:
+        cache[options, general] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None)))
+    return cache[options, general]
 
 
 # ---------------------------------------------------------------------- profile
@@ -458,7 +460,8 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     specs, skipped = _specs(pfit, set(wanted))
     # one batch size per model (that of the full profile), so a profile of a few
     # parameters reuses the compiled program
-    n_all = len(specs) if set(wanted) == set(names) else len(_specs(pfit, set(names))[0])
+    all_specs = specs if set(wanted) == set(names) else _specs(pfit, set(names))[0]
+    n_all = len(all_specs)
     for name, why in skipped:
         warnings.warn(f"{name} is not profiled: {why}", RuntimeWarning, stacklevel=2)
     if not specs:
@@ -476,7 +479,8 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
         sp_.se = float(se) if np.isfinite(se) and se > 0 else 0.5
     # the points start next to their optimum: plain BFGS, without the Newton polish
     # (2 n extra gradients per point) that a fit from scratch uses for its Hessian
-    solve = _solver(model, options or BFGSOptions(polish=False, max_evals=200))
+    general = any(sp_.wj is not None for sp_ in all_specs)  # (the same program for any parm)
+    solve = _solver(model, options or BFGSOptions(polish=False, max_evals=200), general)
     runner = _Runner(solve, model, x_hat, u_hat, float(f0.objective), V, slope, specs,
                      batch_size or n_all * 2 * len(_STEPS))
     bar = tqdm(total=_MAX_ROUNDS + 1, desc="profile", disable=not progress, leave=False)
