@@ -437,7 +437,8 @@ class ProfiledLMM:
         perm = self._x_order()
         return dict(x=self._x_of(z, beta), u=self._flatten({"b": u / jnp.sqrt(s2), "beta": beta}, "u"),
                     f=res["f"], g=g[perm], status=res["status"], iterations=res["iterations"],
-                    hessian=H[perm][:, perm], hessian_zeta=res["hessian"], conditioning=self._conditioning(jnp.linalg.cholesky(S), D),
+                    hessian=H[perm][:, perm], hessian_zeta=res["hessian"],
+                    conditioning=self._conditioning(jnp.linalg.cholesky(S), D),
                     **(self._reml_parts(s2, S, Jx[:, perm]) if self.reml else {}))
 
     def _fit_impl(self, z0, D):
@@ -643,7 +644,8 @@ class ProfiledLMM:
 
         ``hessian``: the fitted model's Hessian in zeta (the original fit's): its
         inverse starts each replicate's BFGS, whose first steps are then close to
-        Newton steps (half the evaluations of a start from a scaled identity)."""
+        Newton steps (sleepstudy: 7.6 evaluations per replicate on average, against
+        9.5 from a scaled identity)."""
         Yc = np.asarray(Y, float) - self._offset - self._X @ self.beta0
         stats = (np.asarray((self._WZt @ Yc.T).T), Yc @ self._WX, np.sum(self._w * Yc * Yc, axis=1))
         z = np.asarray(self._z_of_x(x_start))

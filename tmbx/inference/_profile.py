@@ -147,7 +147,7 @@ class _Spec:
         return float(r / math.sqrt(max(1.0 - r * r, 1e-300)))
 
 
-def _hold(s, z, c, w, wj, pairs, general=True):
+def _hold(s, z, w, wj, pairs, general=True):
     """The held coordinate x[c] given s and the other coordinates z.
 
     For a parameter whose value is s / sqrt(1 + s^2) with x[c] = s sqrt(b),
@@ -194,7 +194,7 @@ def _specs(fit, wanted):
     n = sp.n_x
     zero = np.zeros(n)
 
-    def add(name, key, i, g, kind, w=None):
+    def add(name, key, i, g, kind, w=None, wj=None, pairs=None):
         if name not in wanted:
             return
         c = _x_index(sp, key, i)
@@ -202,7 +202,7 @@ def _specs(fit, wanted):
             skipped.append((name, ("it is not a free parameter of the profiled fit (mapped, or "
                                    "integrated out by REML: profile the ML fit instead)")))
             return
-        specs.append(_Spec(name, c, zero if w is None else w, g, kind))
+        specs.append(_Spec(name, c, zero if w is None else w, g, kind, wj=wj, pairs=pairs))
 
     ident = lambda s: np.asarray(s, float)
     for key, comp in (("beta", "cond"), ("betazi", "zi")):
@@ -240,9 +240,7 @@ def _specs(fit, wanted):
                             if pos[(i, kk)] >= 0:
                                 pairs[pos[(i, kk)], pos[(j, kk)]] = 1.0
                 add(name, key, base + t.k + q, lambda s: np.asarray(s) / np.sqrt(1 + np.asarray(s) ** 2),
-                    "cor", w)
-                if specs and specs[-1].name == name:
-                    specs[-1].wj, specs[-1].pairs = wj, pairs
+                    "cor", w, wj, pairs)
         th_hat = np.asarray(p[key][t.theta_slice], float)
         for ename, val in eval_method(t.struct, "_report_extra", th_hat).items():
             name = f"{pre}{ename}|{t.group}"
@@ -282,8 +280,9 @@ _SOLVERS = weakref.WeakKeyDictionary()  # model -> {options: compiled solver}
 
 
 def _solver(model, options, general):
-    """``jit(vmap(bfgs))`` over (start z0, latent start, coord c, s, w, L): the marginal
-    nll with x[c] held at s * sqrt(1 + sum(w x^2)).
+    """``jit(vmap(bfgs))`` over (start z0, latent start, coord c, s, w, wj, pairs, L):
+    the marginal nll with x[c] held by `_hold` (s * sqrt(1 + sum(w x^2)), or the
+    quadratic's root for a correlation cor(i, j), j > 0, when ``general``).
 
     The optimizer works on y with x = z0 + L y, L the Cholesky factor of the
     conditional covariance of the other coordinates given x[c] (from the fit's
@@ -298,7 +297,7 @@ def _solver(model, options, general):
 
         def obj(y):
             z = z0 + L @ y
-            x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs, general), z)
+            x = jnp.where(ar == c, _hold(s, z, w, wj, pairs, general), z)
             val, (u, status) = model._objective(x, u0, d)
             return val + 0.5 * y[c] ** 2, (u, status)
 
@@ -309,7 +308,7 @@ def _solver(model, options, general):
     def one(z0, u0, c, s, w, wj, pairs, L, d):
         res = bfgs(vg, jnp.zeros_like(z0), u0, (d, c, s, w, wj, pairs, z0, L), options)
         z = z0 + L @ res["x"]
-        x = jnp.where(ar == c, _hold(s, z, c, w, wj, pairs, general), z)
+        x = jnp.where(ar == c, _hold(s, z, w, wj, pairs, general), z)
         return x, res["aux"], res["f"], res["status"]
 
     cache = _SOLVERS.setdefault(model, {})
