@@ -2,9 +2,10 @@
 
     python benchmarks/bench_genes.py                       # 2,000 genes x 5,000 cells, samples of 20 for the loops
     python benchmarks/bench_genes.py --genes 200 --sample 10 --device cpu
-    python benchmarks/bench_genes.py --genes 20000 --cells 5000 --device gpu --no-peers   # on a GPU
+    python benchmarks/bench_genes.py --genes 20000 --inproc     # data drawn in memory, tmbx alone
+    python benchmarks/bench_gpu.py --out DIR --sections genes   # the same on a GPU
 
-Data: ``/work/shared/reference/genes/make_genes_data.py`` (10 donors in two
+Data: ``benchmarks/reference/make_genes_data.py`` (10 donors in two
 groups, NB2 counts with a random donor intercept per gene), written to
 ``benchmarks/data/genes_{G}x{C}.csv`` on first use (git-ignored). Model:
 ``y ~ group + (1|donor)``, nbinom2.
@@ -35,7 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-GEN = "/work/shared/reference/genes/make_genes_data.py"
+GEN = os.path.join(HERE, "reference", "make_genes_data.py")
 FORMULA = "y ~ group + (1|donor)"
 MARK = "@@RESULT@@"
 
@@ -48,29 +49,72 @@ def data_csv(genes: int, cells: int, seed: int = 1) -> str:
     return path
 
 
-def worker_tmbx(csv: str, device: str | None, batch_size: int | None):
-    """Runs in a fresh process: two glmm_batch calls, their times and the table."""
-    sys.path.insert(0, ROOT)
+def genes_frame(genes: int, cells: int, seed: int = 1):
+    """The model of ``make_genes_data.py`` drawn in memory, vectorized over genes
+    (another random stream than the script's, same distribution), with
+    categorical columns: 20,000 genes x 5,000 cells is 1e8 rows, too many for a
+    CSV round trip."""
+    import numpy as np
     import pandas as pd
 
-    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    donor = rng.integers(0, 10, cells)
+    b0 = rng.normal(0.0, 1.0, genes)
+    b1 = np.where(rng.random(genes) < 0.1, rng.normal(0.0, 0.5, genes), 0.0)
+    sd = rng.uniform(0.1, 0.5, genes)
+    theta = rng.uniform(0.5, 5.0, genes)[:, None]
+    u = rng.normal(0.0, 1.0, (genes, 10)) * sd[:, None]
+    y = np.empty((genes, cells), np.int64)
+    for lo in range(0, genes, 1000):  # in slices: bounded temporary memory
+        sl = slice(lo, lo + 1000)
+        mu = np.exp(b0[sl, None] + b1[sl, None] * (donor >= 5) + u[sl][:, donor])
+        y[sl] = rng.negative_binomial(theta[sl], theta[sl] / (theta[sl] + mu))
+    cat = pd.Categorical.from_codes
+    return pd.DataFrame({
+        "gene": cat(np.repeat(np.arange(genes), cells), [f"g{g:05d}" for g in range(genes)]),
+        "cell": np.tile(np.arange(cells), genes),
+        "donor": cat(np.tile(donor, genes), [f"d{d}" for d in range(10)]),
+        "group": cat(np.tile((donor >= 5).astype(np.int8), genes), ["A", "B"]),
+        "y": y.reshape(-1),
+    })
+
+
+def time_glmm_batch(df, device=None, batch_size=None, calls=2) -> dict:
+    """``calls`` glmm_batch calls on ``df`` in this process: their times, and the table's summary."""
     import jax
     import tmbx
 
-    t_import = time.perf_counter() - t
-    df = pd.read_csv(csv)
-    times, tab = [], None
-    for _ in range(2):
+    times, tab, fits = [], None, None
+    for _ in range(calls):
         t = time.perf_counter()
         fits = tmbx.glmm_batch(FORMULA, data=df, by="gene", family="nbinom2", device=device,
                                batch_size=batch_size, progress=False)
         tab = fits.table()
         times.append(time.perf_counter() - t)
     buckets = [dict(rows=int(b.rows.shape[1]), members=len(b)) for b in fits.buckets]
-    print(MARK + json.dumps(dict(import_seconds=t_import, first_seconds=times[0], warm_seconds=times[1],
-                                 converged=int(tab["converged"].sum()), genes=len(tab), buckets=buckets,
-                                 device=str(jax.devices(device)[0] if device else jax.devices()[0]),
-                                 loglik=tab["loglik"].to_dict())))
+    return dict(first_seconds=times[0], warm_seconds=times[-1], converged=int(tab["converged"].sum()),
+                genes=len(tab), buckets=buckets,
+                device=str(jax.devices(device)[0] if device else jax.devices()[0]),
+                loglik=tab["loglik"].to_dict())
+
+
+def worker_tmbx(csv: str, device: str | None, batch_size: int | None):
+    """Runs in a fresh process: two glmm_batch calls, their times and the table.
+    ``csv`` "inproc:GENES:CELLS" draws the data in memory (`genes_frame`)."""
+    sys.path.insert(0, ROOT)
+    import pandas as pd
+
+    t = time.perf_counter()
+    import jax  # noqa: F401
+    import tmbx  # noqa: F401
+
+    t_import = time.perf_counter() - t
+    if csv.startswith("inproc:"):
+        df = genes_frame(*map(int, csv.split(":")[1:]))
+    else:
+        df = pd.read_csv(csv)
+    res = time_glmm_batch(df, device, batch_size)
+    print(MARK + json.dumps(dict(import_seconds=t_import, **res)))
 
 
 def worker_glmm(sample_csv: str):
@@ -108,6 +152,8 @@ def main():
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--inproc", action="store_true",
+                    help="draw the data in the worker (genes_frame), no CSV; implies --no-peers")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -119,7 +165,8 @@ def main():
         return
     import pandas as pd
 
-    csv = data_csv(args.genes, args.cells)
+    csv = f"inproc:{args.genes}:{args.cells}" if args.inproc else data_csv(args.genes, args.cells)
+    args.no_peers |= args.inproc
     load = os.getloadavg()[0]
     env = dict(os.environ, TMBX_NO_CACHE="1")
     tm = run_worker(["--worker", "tmbx", csv, args.device or "none", str(args.batch_size or "none")], env=env)
@@ -149,7 +196,7 @@ def main():
                   f"genes; x{result[name]['ratio_to_tmbx_warm']:.1f} tmbx warm, "
                   f"x{result[name]['ratio_to_tmbx_first']:.1f} tmbx first call; max |dlogLik| {dll:.2e}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    tag = f"{args.genes}x{args.cells}" + (f"_{args.device}" if args.device else "")
+    tag = f"{args.genes}x{args.cells}" + (f"_{args.device}" if args.device else "") + ("_inproc" if args.inproc else "")
     path = os.path.join(HERE, "results", "genes.json")
     allres = json.load(open(path)) if os.path.exists(path) else {}
     result["tmbx"].pop("loglik")

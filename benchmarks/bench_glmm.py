@@ -12,7 +12,7 @@
 Cases: every reference case in ``tests/data/cases`` (glmmTMB 1.1.5 fits of real
 data; ``insteval_crossed`` is the large one, 73,421 rows, 2,972 x 1,128 x 14
 crossed levels), and the 1e5-row scale ladder of
-``/work/shared/reference/scale/make_scale_data.py`` (written to
+``benchmarks/reference/make_scale_data.py`` (written to
 ``benchmarks/data/glmm_ladder_*.csv`` on first use, git-ignored):
 
 - ``ladder_single_1e5``: Poisson ``y ~ x + (1 + x|g)``, 1,000 groups;
@@ -89,8 +89,8 @@ DATA_DIR = os.path.join(ROOT, "tmbx", "data")
 BENCH_DATA = os.path.join(HERE, "data")
 RESULTS = os.path.join(HERE, "results", "glmm.json")
 R_SCRIPT = os.path.join(HERE, "r_glmm_fit.R")
-SCALE_GEN = "/work/shared/reference/scale/make_scale_data.py"
-PEERS_JSON = "/work/shared/reference/scale/peers.json"
+SCALE_GEN = os.path.join(HERE, "reference", "make_scale_data.py")
+PEERS_JSON = os.path.join(HERE, "reference", "peers.json")
 TIME_BIN = "/usr/bin/time"  # GNU time: the peak RSS (%M) of an Rscript worker
 MARK = "@@RESULT@@"
 TOL = 1e-3

@@ -30,7 +30,7 @@ import tmbx
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = ROOT / "tests" / "data" / "inference"
-SHARED = Path("/work/shared/reference/data")
+SHARED = ROOT / "tmbx" / "data"  # the bundled copies of the reference data sets
 
 MODELS = {
     "sleepstudy": {"formula": "Reaction ~ Days + (Days|Subject)", "family": "gaussian",

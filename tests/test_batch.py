@@ -289,3 +289,36 @@ def test_power_two_group_closed_form():
         assert row["lower"] <= row["power"] <= row["upper"]
     fig = res.plot()
     assert fig is not None
+
+
+def test_shared_design_members_merge_and_flag_as_one_by_one(genes):
+    """Members measured on the same cells take the vectorized path (one sort for
+    all, support checked at once): the same merged rows as member-by-member
+    merging, and a member outside the support or all zero flagged as in the
+    general path."""
+    from tmbx.batch import _glmm_batch as gb
+    from tmbx.batch import _layout
+
+    d = genes.copy()
+    first, second = d.gene.unique()[:2]
+    d.loc[d.index[d.gene == first][:2], "y"] = -1
+    d.loc[d.gene == second, "y"] = 0
+    fam = tmbx.families.get("nbinom2")
+    call = dict(formula=FORMULA, family="nbinom2", ziformula=None, dispformula=None, weights=None, offset=None)
+    keys, groups = gb._split(d, "gene")
+    assert gb._shared_columns(call, d, "gene", groups)
+    source, members, flags = gb._members(call, d, "gene", keys, groups, fam)
+    assert "support" in flags[first] and "all responses are zero" in flags[second]
+    assert set(members) == set(keys) - {first, second}
+    level = _layout.single_factor(source)
+    pattern = _layout.row_patterns(source, level)
+    Y = np.stack([y for _, y in members.values()])
+    Y[0, :7] = np.arange(7) * 100  # large counts: the sort key's span
+    for m, got in zip(range(len(Y)), _layout.merge_shared_rows(Y, pattern, level)):
+        want = _layout.merge_rows(np.arange(len(Y[m])), Y[m], pattern, level)
+        assert np.array_equal(pattern[got.rows], pattern[want.rows])  # the same design rows
+        for f in ("y", "count", "slot", "within", "levels", "M", "R"):
+            assert np.array_equal(getattr(got, f), getattr(want, f)), (m, f)
+    # non-integer responses fall back to one member at a time
+    frac = _layout.merge_shared_rows(Y[:2] + 0.5, pattern, level)
+    assert np.array_equal(frac[1].y, _layout.merge_rows(np.arange(Y.shape[1]), Y[1] + 0.5, pattern, level).y)

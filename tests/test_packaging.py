@@ -20,6 +20,15 @@ def test_plugin_libraries_import_under_tmbx():
     assert "families" not in sys.modules and "covstructs" not in sys.modules
 
 
+def test_a_python_started_in_the_checkout_finds_the_plugin_libraries():
+    # sys.path[0] == "" (python -c in the repository's root) imports ./tmbx, not the installed copy
+    code = "import tmbx, tmbx.families, tmbx.covstructs; print(tmbx.families.__name__, len(tmbx.load_dataset('cbpp')))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["tmbx.families", "56"]
+
+
 def test_built_wheel_maps_the_plugin_libraries(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],

@@ -7,7 +7,16 @@ reports standard errors as TMB's ``sdreport`` does. On top of the engine,
 ``tmbx.glmm`` fits glmmTMB's formulas on pandas data frames.
 """
 
-from . import _config  # noqa: F401  (float64 and the compilation cache, first)
+import os as _os
+
+# Python started in a source checkout's root finds this folder as ``tmbx``
+# before any installed copy, and ``families/``, ``covstructs/`` sit beside it
+# rather than inside (setuptools' package-dir mapping): look for them there too.
+if not _os.path.isdir(_os.path.join(__path__[0], "families")) and _os.path.isfile(
+        _os.path.join(__path__[0], _os.pardir, "families", "__init__.py")):
+    __path__.append(_os.path.dirname(_os.path.abspath(__path__[0])))
+
+from . import _config  # noqa: E402,F401  (float64 and the compilation cache, first)
 from ._datasets import list_datasets, load_dataset
 from ._laplace import InnerOptions
 from ._model import BatchFit, Fit, LatentGaussian, Model

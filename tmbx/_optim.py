@@ -208,7 +208,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         phase_next = jnp.where(
             ini, jnp.where(done_ini, jnp.where(finite_t & polish, _HESSIAN, _DONE), _LINESEARCH),
             jnp.where(to_hessian, _HESSIAN,
-            jnp.where((finish_ok | finish_fail) & ~polish, _DONE,
+            jnp.where((finish_ok | finish_fail) & (not polish), _DONE,
                       jnp.where(hs_done, jnp.where(good_step, _NEWTON, _DONE),
                                 jnp.where(nw, _DONE, phase)))))
         restart = fail_ls & exhausted & ~gave_up

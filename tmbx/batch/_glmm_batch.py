@@ -102,10 +102,12 @@ def _shared_columns(call, data, by, groups) -> bool:
         return False
     cols = {c for p in parsed.values() for c in _used_columns(p, data.columns)} - {resp, by}
     cols |= {c for c in (call["weights"], call["offset"]) if c is not None}
-    nonempty = [g for g in groups if len(g)]
+    index = np.stack([g for g in groups if len(g)])
     for c in cols:
-        v = data[c].to_numpy()
-        block = v[np.stack(nonempty)]
+        col = data[c]
+        # a categorical's codes, not its values: comparing 1e8 strings took seconds
+        v = col.cat.codes.to_numpy() if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy()
+        block = v[index]
         if not (block == block[:1]).all():
             return False
     return True
@@ -129,31 +131,46 @@ def _members(call, data, by, keys, groups, fam):
         if len(source.dropped) or source.trials is not None:
             source = None  # rows with missing values or binomial trials: the general path
     if source is not None:
-        resp = source.response_name
-        members = {keys[i]: (np.arange(source.nobs), data[resp].to_numpy()[groups[i]].astype(float))
-                   for i in nonempty}
-    else:
-        frame = data.reset_index(drop=True)
-        source = build_design(call["formula"], frame, **kw)
-        used = source.data.index.to_numpy()  # rows kept (no missing values)
-        member_of = np.full(len(frame), -1)
-        for i in nonempty:
-            member_of[groups[i]] = i
-        of_row = member_of[used]
-        members = {}
-        for i in nonempty:
-            rows = np.flatnonzero(of_row == i)
-            if not len(rows):
-                flags[keys[i]] = "no rows left for this member after dropping rows with missing values"
-                continue
-            members[keys[i]] = (rows, source.y[rows].astype(float))
-    shared = len(members) and all(len(r) == source.nobs for r, _ in members.values())
+        resp = data[source.response_name].to_numpy()
+        Y = resp[np.stack([groups[i] for i in nonempty])].astype(float)
+        rows = np.arange(source.nobs)
+        members = {keys[i]: (rows, Y[j]) for j, i in enumerate(nonempty)}
+        for j in _suspect_rows(fam, Y):  # checked at once; member by member only where that fails
+            reason = _check_member(fam, source, rows, Y[j], check_rank=False)
+            if reason:
+                flags[keys[nonempty[j]]] = reason
+                del members[keys[nonempty[j]]]
+        return source, members, flags
+    frame = data.reset_index(drop=True)
+    source = build_design(call["formula"], frame, **kw)
+    used = source.data.index.to_numpy()  # rows kept (no missing values)
+    member_of = np.full(len(frame), -1)
+    for i in nonempty:
+        member_of[groups[i]] = i
+    of_row = member_of[used]
+    members = {}
+    for i in nonempty:
+        rows = np.flatnonzero(of_row == i)
+        if not len(rows):
+            flags[keys[i]] = "no rows left for this member after dropping rows with missing values"
+            continue
+        members[keys[i]] = (rows, source.y[rows].astype(float))
     for key, (rows, y) in list(members.items()):
-        reason = _check_member(fam, source, rows, y, check_rank=not shared)
+        reason = _check_member(fam, source, rows, y)
         if reason:
             flags[key] = reason
             del members[key]
     return source, members, flags
+
+
+def _suspect_rows(fam, Y) -> np.ndarray:
+    """Rows of ``Y`` (members x shared rows) that `_check_member` may flag: every
+    row if any response is outside the family's support, else the all-zero rows."""
+    try:
+        fam.check_support(Y.reshape(-1), None)
+    except ValueError:
+        return np.arange(len(Y))
+    return np.flatnonzero(~Y.any(axis=1))
 
 
 def _check_member(fam, source, rows, y, check_rank=True) -> str | None:
@@ -190,7 +207,11 @@ def _buckets(source, members, fam, template_kw):
                 "differing), or loop tmbx.glmm over the members.")
         return _unmerged_bucket(source, members, fam, template_kw)
     pattern = _layout.row_patterns(source, level)
-    merged = {k: _layout.merge_rows(rows, y, pattern, level) for k, (rows, y) in members.items()}
+    if shared_rows:
+        merged = dict(zip(members, _layout.merge_shared_rows(np.stack([y for _, y in members.values()]),
+                                                             pattern, level)))
+    else:
+        merged = {k: _layout.merge_rows(rows, y, pattern, level) for k, (rows, y) in members.items()}
     shapes = {k: _layout.bucket_shape(m.M, m.R) for k, m in merged.items()}
     shapes = _merge_small(shapes)
     buckets, placed = [], {}

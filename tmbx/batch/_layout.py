@@ -61,7 +61,9 @@ def single_factor(design: Design):
 
 
 def row_patterns(design: Design, level: np.ndarray) -> np.ndarray:
-    """(N,) id of each design row's pattern: everything but the response."""
+    """(N,) id of each design row's pattern: everything but the response. The
+    level is the first column, so pattern ids ascend with the level (which
+    `merge_shared_rows` relies on)."""
     cols = [level[:, None].astype(float), design.weights[:, None]]
     if design.trials is not None:
         cols.append(design.trials[:, None])
@@ -88,6 +90,48 @@ def merge_rows(rows: np.ndarray, y: np.ndarray, pattern: np.ndarray, level: np.n
     within[by_slot] = np.arange(len(slot)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     return MemberRows(rep, y[order[first]].astype(float), count.astype(float), slot, within, levels,
                       len(levels), int(sizes.max()))
+
+
+def merge_shared_rows(Y: np.ndarray, pattern: np.ndarray, level: np.ndarray) -> list[MemberRows]:
+    """`merge_rows` of members that share every design row (rows ``0..N-1``) and
+    differ only in their responses ``Y`` (G, N), all at once: a row-wise sort of
+    ``pattern * span + y`` (count responses), instead of a sort per member (20,000
+    genes x 5,000 cells: a Python loop of 20,000 lexsorts). Responses that are not
+    small non-negative integers go member by member."""
+    G, N = Y.shape
+    rows = np.arange(N)
+    yi = Y.astype(np.int64)
+    span = int(yi.max(initial=0)) + 1
+    P = int(pattern.max(initial=0)) + 1
+    if not np.array_equal(yi, Y) or yi.min(initial=0) < 0 or P * span >= 2**62:
+        return [merge_rows(rows, y, pattern, level) for y in Y]
+    key = np.sort(pattern[None, :] * span + yi, axis=1)
+    new = np.ones((G, N), bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    g, pos = np.nonzero(new)  # member-major: each member's distinct (pattern, y) in sorted order
+    count = np.diff(np.append(g * N + pos, G * N))
+    k = key[g, pos]
+    first_row = np.empty(P, np.int64)
+    first_row[pattern[::-1]] = rows[::-1]  # the first design row of each pattern
+    rep = first_row[k // span]
+    lev = level[rep]
+    bounds = np.searchsorted(g, np.arange(G + 1))
+    # ids ascend with the level: each member's levels come in runs, in order
+    starts = np.zeros(len(g), bool)
+    starts[bounds[:-1]] = True
+    starts[1:] |= lev[1:] != lev[:-1]
+    run = np.cumsum(starts) - 1
+    run_start = np.flatnonzero(starts)
+    within = np.arange(len(g)) - run_start[run]
+    run_len = np.diff(np.append(run_start, len(g)))
+    slot = run - run[bounds[:-1]][g]
+    out = []
+    for m in range(G):
+        a, b = bounds[m], bounds[m + 1]
+        r0, r1 = run[a], run[b - 1] + 1
+        out.append(MemberRows(rep[a:b], (k[a:b] % span).astype(float), count[a:b].astype(float), slot[a:b],
+                              within[a:b], lev[run_start[r0:r1]], int(r1 - r0), int(run_len[r0:r1].max())))
+    return out
 
 
 def bucket_shape(M: int, R: int) -> tuple[int, int]:
