@@ -195,6 +195,14 @@ class Model:
             )
 
     def _objective(self, x, u0, d):
+        # an inner jit: later programs that call the objective again (profiles,
+        # bootstraps, refits) reuse its trace and derivative jaxprs from JAX's caches
+        # instead of tracing the Laplace approximation again
+        if getattr(self, "_objective_jit", None) is None:
+            self._objective_jit = jax.jit(self._objective_impl)
+        return self._objective_jit(x, u0, d)
+
+    def _objective_impl(self, x, u0, d):
         if self.agq is not None:
             return self.agq.objective(x, u0, d)
         if self.laplace is None:
