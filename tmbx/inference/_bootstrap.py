@@ -36,6 +36,7 @@ _RESUMES = 6
 # is of order gmax^2 / 2
 _GRAD_OK = 0.1
 _F_STALL = 1e-3  # nll units: a deviance change of 0.002
+_CPU_CHUNK = 16  # replicates per refit call on CPU (see refit_simulations)
 
 
 def default_batch_size(nsim):
@@ -128,6 +129,12 @@ def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
     # every pass runs the same compiled program (one batch shape): a second program
     # for the resumed few cost as much compile time as all the refits
     size = max(8, batch_size // 4)
+    if jax.default_backend() == "cpu":
+        # a vmapped chunk runs until its slowest replicate is done, and a resumed
+        # few still pay for a whole chunk: small chunks waste less on CPU (1,000
+        # refits, 2 cores: cbpp 3.2 s in chunks of 62, 0.45 s in chunks of 16;
+        # a 1,000-group Poisson GLMM 17.2 s and 12.9 s)
+        size = min(size, _CPU_CHUNK)
     parts = []
     bar = tqdm(total=sims.n, desc=desc, disable=not progress or sims.n <= batch_size, leave=False)
     for lo in range(0, sims.n, batch_size):
