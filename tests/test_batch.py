@@ -27,7 +27,7 @@ R_NAMES = {"Intercept": "(Intercept)", "group[T.B]": "groupB"}
 
 
 def make_genes(n_genes, n_cells, seed):
-    """The generator of /work/shared/reference/genes/make_genes_data.py (NB2 counts,
+    """The generator of benchmarks/reference/make_genes_data.py (NB2 counts,
     random donor intercept per gene, 10 donors in two groups), as a function."""
     rng = np.random.default_rng(seed)
     donor = rng.integers(0, 10, n_cells)
@@ -322,3 +322,26 @@ def test_shared_design_members_merge_and_flag_as_one_by_one(genes):
     # non-integer responses fall back to one member at a time
     frac = _layout.merge_shared_rows(Y[:2] + 0.5, pattern, level)
     assert np.array_equal(frac[1].y, _layout.merge_rows(np.arange(Y.shape[1]), Y[1] + 0.5, pattern, level).y)
+
+
+def test_shape_classes_group_where_padding_is_cheaper_than_a_program():
+    from collections import Counter
+
+    from tmbx.batch import _glmm_batch as gb
+
+    def group(spec):
+        shapes = {}
+        for shp, n in spec:
+            shapes.update({len(shapes) + i: shp for i in range(n)})
+        return Counter(gb._merge_small(shapes).values())
+
+    row = gb._ROW_SECONDS
+    # cheap padding (100 members x 40 rows more) joins; costly padding keeps its own program
+    cheap = int(0.5 * gb._BUCKET_SECONDS / (100 * 40 * row))
+    assert group([((10, 4), 100), ((10, 8), cheap)]) == {(10, 8): 100 + cheap}
+    costly = int(3 * gb._BUCKET_SECONDS / (40 * row))
+    assert group([((10, 4), costly), ((10, 8), 50)]) == {(10, 4): costly, (10, 8): 50}
+    # a class too small for a program of its own joins the next one up, even at a cost
+    assert group([((10, 4), 3), ((10, 400), 50)]) == {(10, 400): 53}
+    # ... but never one that cannot hold it (fewer levels)
+    assert group([((10, 4), 3), ((5, 64), 50)]) == {(10, 4): 3, (5, 64): 50}

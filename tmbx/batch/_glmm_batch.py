@@ -11,6 +11,8 @@ flagged with the reason and never reach the compiled program.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -22,11 +24,11 @@ from ._result import GlmmBatchFit, Member
 from ._run import Bucket, BucketSpec, run_buckets
 
 _MIN_BUCKET = 16  # a bucket with fewer members joins a larger shape (one compile less)
-# A bucket also joins the next larger shape when the padding costs less than a
-# program of its own: about 2 s of tracing and lowering (3-5 s more of XLA
-# compilation with a cold cache) against ~3e-5 s per member and padded row
+# Shape classes are grouped into buckets (`_merge_small`) weighing a program of
+# their own, about 2 s of tracing and lowering with a warm cache (3-5 s more of XLA
+# compilation with a cold one), against ~3e-5 s per member and padded row of fit
 # (NB2 genes on 2 CPU cores: 10.5 s for 2,000 genes, 388,000 member-rows).
-_BUCKET_SECONDS = 2.0
+_BUCKET_SECONDS = 3.0
 _ROW_SECONDS = 3e-5
 
 
@@ -252,27 +254,35 @@ def _unmerged_bucket(source, members, fam, template_kw):
 
 
 def _merge_small(shapes: dict) -> dict:
-    """Move the members of a shape class, smallest first, into the smallest larger
-    class that holds them when the class is small (``_MIN_BUCKET``) or its padding
-    there costs less than compiling its own program."""
+    """Group the shape classes so that the programs plus the padding cost least:
+    classes sorted by size are cut into runs, each padded to its last class (which
+    must hold the others); a run costs ``_BUCKET_SECONDS`` plus ``_ROW_SECONDS`` per
+    member and padded row (a shortest path over the cuts). A class that no larger
+    class holds (fewer levels) keeps a program of its own."""
     counts = pd.Series(list(shapes.values())).value_counts().to_dict()
-    area = lambda b: b[0] * b[1]
-    remap = {}
-    for s in sorted(counts, key=lambda b: (area(b), b)):
-        larger = [b for b in counts if b != s and counts[b] and b[0] >= s[0] and b[1] >= s[1]]
-        if not larger:
-            continue
-        target = min(larger, key=lambda b: (area(b), b))
-        padding = counts[s] * (area(target) - area(s)) * _ROW_SECONDS
-        if counts[s] < _MIN_BUCKET or padding < _BUCKET_SECONDS:
-            counts[target] += counts[s]
-            counts[s] = 0
-            remap[s] = target
-    def final(s):
-        while s in remap:
-            s = remap[s]
-        return s
-    return {k: final(s) for k, s in shapes.items()}
+    order = sorted(counts, key=lambda b: (b[0] * b[1], b))
+    area = [b[0] * b[1] for b in order]
+
+    def cost(i, j):  # classes i..j padded to class j
+        if any(order[k][0] > order[j][0] or order[k][1] > order[j][1] for k in range(i, j)):
+            return math.inf
+        small = sum(counts[order[k]] for k in range(i, j + 1)) < _MIN_BUCKET and j < len(order) - 1
+        pad = sum(counts[order[k]] * (area[j] - area[k]) for k in range(i, j)) * _ROW_SECONDS
+        # a run of fewer than _MIN_BUCKET members (unless it is the largest): a program
+        # for so few members is rarely worth it, so it joins a larger class if one holds it
+        return _BUCKET_SECONDS * (10.0 if small else 1.0) + pad
+
+    best, cut = [0.0], []  # best[j]: cost of classes 0..j-1; cut[j-1]: where its last run starts
+    for j in range(len(order)):
+        c, i = min((best[i] + cost(i, j), i) for i in range(j + 1))
+        best.append(c)
+        cut.append(i)
+    remap, j = {}, len(order) - 1
+    while j >= 0:
+        i = cut[j]
+        remap.update({order[k]: order[j] for k in range(i, j + 1)})
+        j = i - 1
+    return {k: remap[s] for k, s in shapes.items()}
 
 
 def _starts(spec, fam, source, members):

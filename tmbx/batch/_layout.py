@@ -111,8 +111,7 @@ def merge_shared_rows(Y: np.ndarray, pattern: np.ndarray, level: np.ndarray) -> 
     g, pos = np.nonzero(new)  # member-major: each member's distinct (pattern, y) in sorted order
     count = np.diff(np.append(g * N + pos, G * N))
     k = key[g, pos]
-    first_row = np.empty(P, np.int64)
-    first_row[pattern[::-1]] = rows[::-1]  # the first design row of each pattern
+    first_row = np.unique(pattern, return_index=True)[1]  # a design row of each pattern (ids 0..P-1)
     rep = first_row[k // span]
     lev = level[rep]
     bounds = np.searchsorted(g, np.arange(G + 1))

@@ -40,9 +40,9 @@ _CPU_CHUNK = 16  # replicates per refit call on CPU (see refit_simulations)
 
 
 def default_batch_size(nsim):
-    """All at once on an accelerator; on CPU, chunks of 250 (a vmapped batch costs
-    its size times its slowest member's iterations there, so smaller chunks lose
-    nothing and bound memory)."""
+    """Replicates simulated per batch (bounded memory): 1,000 on an accelerator, 250
+    on CPU; `refit_simulations` refits a quarter batch at a time, at most
+    ``_CPU_CHUNK`` on CPU."""
     return min(nsim, 1000 if jax.default_backend() != "cpu" else 250)
 
 
