@@ -9,6 +9,9 @@ single-member fits of the same template, and the power of a two-sample z test.
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -27,23 +30,13 @@ R_NAMES = {"Intercept": "(Intercept)", "group[T.B]": "groupB"}
 
 
 def make_genes(n_genes, n_cells, seed):
-    """The generator of benchmarks/reference/make_genes_data.py (NB2 counts,
-    random donor intercept per gene, 10 donors in two groups), as a function."""
-    rng = np.random.default_rng(seed)
-    donor = rng.integers(0, 10, n_cells)
-    group = np.where(donor < 5, "A", "B")
-    rows = []
-    for g in range(n_genes):
-        b0 = rng.normal(0.0, 1.0)
-        b1 = rng.normal(0.0, 0.5) if rng.random() < 0.1 else 0.0
-        sd = rng.uniform(0.1, 0.5)
-        theta = rng.uniform(0.5, 5.0)
-        u = rng.normal(0.0, sd, 10)
-        mu = np.exp(b0 + b1 * (group == "B") + u[donor])
-        y = rng.negative_binomial(theta, theta / (theta + mu))
-        rows.append(pd.DataFrame({"gene": f"g{g:05d}", "cell": np.arange(n_cells),
-                                  "donor": [f"d{d}" for d in donor], "group": group, "y": y}))
-    return pd.concat(rows, ignore_index=True)
+    """The reference generator, benchmarks/reference/make_genes_data.py (NB2 counts,
+    random donor intercept per gene, 10 donors in two groups), run as the script."""
+    script = os.path.join(os.path.dirname(HERE), "benchmarks", "reference", "make_genes_data.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "genes.csv")
+        subprocess.run([sys.executable, script, str(n_genes), str(n_cells), out, str(seed)], check=True)
+        return pd.read_csv(out)
 
 
 # --------------------------------------------------------------------------- ragged genes vs glmmTMB

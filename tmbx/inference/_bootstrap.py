@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from .._internal import to_device
 from .._laplace import INNER_OK
 from .._optim import BFGSOptions, bfgs
 from ._profile import check_parm, named_parameters
@@ -97,7 +98,7 @@ def _run_chunks(run, Y, X0, U0, L, d, size, bar=None):
     for lo in range(0, n, size):
         hi = min(lo + size, n)
         args = [np.concatenate([a[lo:hi], np.repeat(a[lo:lo + 1], size - (hi - lo), axis=0)]) for a in (Y, X0, U0)]
-        res = run(*(jnp.asarray(a) for a in args), L, d)
+        res = run(*(to_device(a) for a in args), L, d)
         for k, v in res.items():
             out.setdefault(k, []).append(np.asarray(v)[: hi - lo])
         if bar is not None:
@@ -124,7 +125,7 @@ def refit_simulations(fit, sims, batch_size, progress=True, desc="bootstrap"):
         return out
     model, d = fit.model, fit.model.data
     x_hat, u_hat = np.asarray(fit._fit.x), np.asarray(fit._fit.u)
-    L = jnp.asarray(wald_factor(fit))
+    L = to_device(wald_factor(fit))
     run = batched_refit(model, _PASS)
     # every pass runs the same compiled program (one batch shape): a second program
     # for the resumed few cost as much compile time as all the refits
@@ -245,12 +246,12 @@ def bootstrap(fit, nsim: int = 1000, fn=None, seed: int = 0, batch_size: int | N
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     stats = _stat_program(fit, fn)
-    at_fit = stats(jnp.asarray(fit._fit.x)[None], jnp.asarray(fit._fit.u)[None])
+    at_fit = stats(to_device(np.asarray(fit._fit.x)[None]), to_device(np.asarray(fit._fit.u)[None]))
     if not isinstance(at_fit, dict):
         raise TypeError(f"fn must return a dict of name -> scalar, got {type(at_fit).__name__}")
     at_fit = {k: v[0] for k, v in at_fit.items()}
     res = refit_simulations(fit, Simulations(fit, nsim, seed, batch_size), batch_size, progress)
-    vals = stats(jnp.asarray(res["x"]), jnp.asarray(res["u"]))
+    vals = stats(to_device(res["x"]), to_device(res["u"]))
     converged = res["converged"]
     draws = {}
     for k in at_fit:  # fn's order (jax returns dicts with sorted keys)
