@@ -135,49 +135,58 @@ def test_selected_inverse_diagonal(kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "arrow_k1", "arrow_k2"])
-def test_logdet_rule_with_host_lapack_inverse(kind, monkeypatch):
-    """Large tails take S^-1 from LAPACK's dpotri on the host (`_chol_inverse`): the
-    same first and second derivatives, here forced on small matrices."""
-    from tmbx import _sparse
+def test_logdet_rule_with_recursive_dense_kernels(kind, monkeypatch):
+    """Dense factors above `_dense.BLOCK` (large tails) are factored and inverted by
+    recursive blocking (`tmbx._dense`): the same first and second derivatives,
+    here forced on small matrices with blocks of 2."""
+    from tmbx import _dense
 
-    monkeypatch.setattr(_sparse, "_POTRI_MIN", 1)
+    monkeypatch.setattr(_dense, "BLOCK", 2)
     test_logdet_rule_matches_finite_differences(kind)
     test_logdet_rule_second_derivative(kind)
     test_selected_inverse_diagonal(kind)  # the arrow's diag_inverse (LMM gradients) too
 
 
-def test_chol_inverse_host_path_matches_inverse_under_jit_vmap_and_grad(monkeypatch):
-    from tmbx import _sparse
+def test_recursive_dense_kernels_match_numpy_under_jit_vmap_and_grad(monkeypatch):
+    from tmbx import _dense, _sparse
 
     rng = np.random.default_rng(5)
-    A = np.stack([_spd_with_pattern(rng, np.ones((6, 6), bool)) for _ in range(3)])
+    A = np.stack([_spd_with_pattern(rng, np.ones((7, 7), bool)) for _ in range(3)])
     L = jnp.linalg.cholesky(jnp.asarray(A))
-    xla = jax.vmap(_sparse._chol_inverse)(L)  # below the threshold: XLA
-    monkeypatch.setattr(_sparse, "_POTRI_MIN", 1)
-    host = jax.jit(jax.vmap(_sparse._chol_inverse))(L)
-    np.testing.assert_allclose(np.asarray(host), np.linalg.inv(A), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(host), np.asarray(xla), rtol=1e-12, atol=1e-14)
-    # reverse mode through the rule: d/dL of sum(W * S^-1) against central differences
-    W = jnp.asarray(rng.normal(size=(6, 6)))
+    lapack = jax.vmap(_sparse._chol_inverse)(L)  # below the block size: cho_solve
+    monkeypatch.setattr(_dense, "BLOCK", 2)
+    rec = jax.jit(jax.vmap(_sparse._chol_inverse))(L)
+    np.testing.assert_allclose(np.asarray(rec), np.linalg.inv(A), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(rec), np.asarray(lapack), rtol=1e-12, atol=1e-14)
+    Lr, M = jax.jit(jax.vmap(_dense.chol_with_inverse))(jnp.asarray(A))
+    np.testing.assert_allclose(np.asarray(Lr), np.linalg.cholesky(A), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(M), np.linalg.inv(np.swapaxes(np.linalg.cholesky(A), 1, 2)),
+                               rtol=1e-12, atol=1e-14)
+    # not positive definite: NaN pivots (what `ok()` checks), never a silent factor
+    bad = A[0] - 10 * np.eye(7)
+    assert not np.all(np.isfinite(np.diagonal(np.asarray(_dense.chol_with_inverse(jnp.asarray(bad))[0]))))
+    # reverse mode: d/dL of sum(W * S^-1) against central differences
+    W = jnp.asarray(rng.normal(size=(7, 7)))
     f = lambda l: jnp.sum(W * _sparse._chol_inverse(l))
     g = np.asarray(jax.grad(f)(L[0]))
-    D = np.tril(rng.normal(size=(6, 6)))
+    D = np.tril(rng.normal(size=(7, 7)))
     h = 1e-6
     fd = (float(f(L[0] + h * D)) - float(f(L[0] - h * D))) / (2 * h)
     assert float(np.sum(g * D)) == pytest.approx(fd, rel=1e-7)
 
 
 @pytest.mark.parametrize("method", ["auto", "laplace"])
-def test_fits_with_the_host_lapack_inverse_match_glmmtmb(method, monkeypatch):
-    """Penicillin's crossed REML model (24 plates x 6 samples) with the host inverse
-    forced on every dense factor, through the LMM path and the general Laplace path:
+def test_fits_with_the_recursive_dense_kernels_match_glmmtmb(method, monkeypatch):
+    """Penicillin's crossed REML model (24 plates x 6 samples) with the recursive
+    dense kernels forced on every dense factor (blocks of 2), through the LMM path
+    and the general Laplace path:
     glmmTMB 1.1.5's logLik, intercept SE and sds (tests/data/cases/penicillin_crossed.json)."""
     import json
     import os
 
-    from tmbx import _sparse
+    from tmbx import _dense
 
-    monkeypatch.setattr(_sparse, "_POTRI_MIN", 1)
+    monkeypatch.setattr(_dense, "BLOCK", 2)
     ref = json.load(open(os.path.join(os.path.dirname(__file__), "data", "cases",
                                       "penicillin_crossed.json")))["glmmTMB"]
     fit = tmbx.glmm("diameter ~ 1 + (1|plate) + (1|sample)", data=tmbx.load_dataset("penicillin"),

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import equinox as eqx
 import jax
@@ -53,6 +52,7 @@ import numpy as np
 import scipy.sparse as sps
 from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
 
+from . import _dense
 from ._internal import unique_sorted
 
 
@@ -79,98 +79,26 @@ def _tri_inv(L):
     return _tri_solve(L, eye)
 
 
-# From this order up (TMBX_POTRI_MIN overrides), a dense factor's inverse is
-# computed by LAPACK on the host (`_chol_inverse`); below it in XLA: a program
-# with a host callback is never written to the persistent compilation cache,
-# which costs more than the callback saves on smaller tails (InstEval's is 1,142).
-_POTRI_MIN = int(os.environ.get("TMBX_POTRI_MIN", 2000))
-
-
-def _host_lapack(L):
-    """Whether a dense factor of this shape goes to LAPACK on the host."""
-    return (L.ndim == 2 and L.shape[-1] >= _POTRI_MIN and L.dtype == jnp.float64
-            and jax.default_backend() == "cpu")
-
-
-class _lapack_threads:
-    """Every core for one large host LAPACK call. tmbx runs scipy's OpenBLAS (which
-    jaxlib's kernels share) on one thread, right for the many small factorizations
-    of a fit (`tmbx._config`); a 3,000 x 3,000 inverse runs 1.4x faster on two.
-    (The Cholesky factorization itself stays in XLA: through a host call it was
-    no faster inside a fit, the call's copies eating what the threads gained.)"""
-
-    @staticmethod
-    @functools.cache
-    def _scipy_blas():
-        from threadpoolctl import ThreadpoolController
-
-        return [lib for lib in ThreadpoolController().lib_controllers
-                if "scipy" in lib.filepath.replace("\\", "/")]
-
-    def __enter__(self):
-        n = int(os.environ.get("TMBX_LAPACK_THREADS_LARGE", os.cpu_count() or 1))
-        self._libs = self._scipy_blas()
-        self._old = [lib.num_threads for lib in self._libs]
-        for lib in self._libs:
-            lib.set_num_threads(n)
-        return self
-
-    def __exit__(self, *exc):
-        for lib, n in zip(self._libs, self._old):
-            lib.set_num_threads(n)
-
-
-def _potri_host(L):
-    """(L L')^-1 by LAPACK's dpotri, on the host. ``L.T`` of a C-ordered lower factor
-    is a Fortran-ordered upper one, so LAPACK reads it without a copy; its result's
-    upper triangle, read back in C order, is the inverse's lower triangle."""
-    from scipy.linalg import lapack
-
-    L = np.asarray(L, np.float64)
-    with _lapack_threads():
-        X, info = lapack.dpotri(L.T, lower=0)
-    if info != 0 or not np.all(np.isfinite(np.diagonal(L))):
-        return np.full(L.shape, np.nan)
-    # X.T holds the inverse's lower triangle and, above it, L's zeros (dpotri writes
-    # one triangle): one transposed add gives the whole inverse
-    X = X.T
-    out = X + X.T
-    out[np.diag_indices_from(out)] *= 0.5
-    return out
+def _recursive(n: int) -> bool:
+    """Whether a dense factor of order ``n`` goes through `tmbx._dense`'s recursive
+    blocking (on the CPU above its block size) rather than one LAPACK call."""
+    return n > _dense.BLOCK and jax.default_backend() == "cpu"
 
 
 def _chol_inverse(L):
     """``S^-1`` from the Cholesky factor ``L`` of ``S``, for one dense factor.
 
-    On the CPU from `_POTRI_MIN` up this is LAPACK's ``dpotri`` through a host
-    callback: it costs ``n^3`` flops where ``cho_solve(L, I)`` costs ``2 n^3``,
-    and XLA:CPU's triangular solves run at a fraction of LAPACK's speed (at
-    n = 3,000, the tail of a crossed design with a million rows: 0.42 s per call
-    inside a fit, copies included, against 0.84-1.17 s; 1.75 s for ``L^-T L^-1``
-    by a triangular inverse and a matrix product). Elsewhere (GPU), and for smaller factors, it
-    stays in XLA. The host call has its own derivative rule, ``d S^-1 = -S^-1
-    (dL L' + L dL') S^-1``, so it stays differentiable (forward and reverse) for
-    second derivatives.
+    Above `_dense.BLOCK` on the CPU this is ``(L^-T)(L^-T)'`` by recursive
+    blocking in matrix products (`tmbx._dense`): LAPACK's ``dpotri`` flop count
+    at XLA's multi-threaded matrix-product speed, as fast as ``dpotri`` itself on
+    every core and a third of the time of ``cho_solve(L, I)`` (two single-threaded
+    triangular solves of ``n^3`` flops each), and differentiable like any XLA
+    program. Otherwise (small factors, GPU) one ``cho_solve``.
     """
-    if _host_lapack(L):
-        return _chol_inverse_host(L)
     n = L.shape[-1]
+    if L.ndim == 2 and _recursive(n):
+        return _dense.upper_gram(_dense.upper_inverse(L.T))
     return jsl.cho_solve((L, True), jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape))
-
-
-@jax.custom_jvp
-def _chol_inverse_host(L):
-    return jax.pure_callback(_potri_host, jax.ShapeDtypeStruct(L.shape, L.dtype), L,
-                             vmap_method="sequential")
-
-
-@_chol_inverse_host.defjvp
-def _chol_inverse_host_jvp(primals, tangents):
-    (L,), (dL,) = primals, tangents
-    Sinv = _chol_inverse_host(L)
-    dS = dL @ jnp.swapaxes(L, -1, -2)
-    dS = dS + jnp.swapaxes(dS, -1, -2)
-    return Sinv, -Sinv @ dS @ Sinv
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -299,7 +227,7 @@ class ArrowLayout(_Layout):
     where_pos: np.ndarray  # original -> position in block/tail
     coupling_keys: np.ndarray  # sorted block * t + tail pos
     coupling_idx: np.ndarray  # c index of each key
-    cmask: np.ndarray  # (m, c): 1 for real coupling columns, 0 for padding
+    ncoup: np.ndarray  # (m,): real coupling columns of each block (the first ncoup of its c)
 
     @property
     def kind(self) -> str:
@@ -344,6 +272,12 @@ class ArrowLayout(_Layout):
         i = np.arange(self.n)
         return self.slots(i, i)
 
+    def cmask(self):
+        """(m, c): 1 for a block's real coupling columns, 0 for padding. Built in the
+        program from ``ncoup`` (a block's columns are its first ``ncoup``): as a
+        constant the (m, c) mask made InstEval's compiled program 5 MB larger."""
+        return (jnp.arange(self.c)[None, :] < self.ncoup[:, None]).astype(jnp.float64)
+
     def _split(self, flat):
         m, k, c, t = self.m, self.k, self.c, self.t
         o1 = m * k * k
@@ -365,17 +299,25 @@ class ArrowLayout(_Layout):
         D, B, T = self._split(flat)
         # padded coupling columns never hold values; zeroing them keeps the factor
         # (and so `logdet_grad`) an exact function of the real entries alone
-        B = B * self.cmask[:, None, :]
+        B = B * self.cmask()[:, None, :]
         Lh = _chol(D)
         W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
         S = T
         if self.t:
+            # B' D^-1 B on its upper triangle (the pairs i <= j), mirrored
             contrib = jnp.sum(W[self.pair_b, :, self.pair_i] * W[self.pair_b, :, self.pair_j], axis=-1)
-            S = (T.reshape(-1).at[self.pair_dest].add(-contrib, indices_are_sorted=True)).reshape(T.shape)
-            Lt = _chol(S)
+            U = jnp.zeros(self.t * self.t, T.dtype).at[self.pair_dest].add(contrib, indices_are_sorted=True)
+            U = U.reshape(T.shape)
+            S = T - U - U.T + jnp.diag(jnp.diagonal(U))
+            if _recursive(self.t):
+                # the factor and L^-T together: S^-1 (for the gradient) is then
+                # one product away, and XLA drops L^-T where nothing needs it
+                Lt, Mt = _dense.chol_with_inverse(S)
+            else:
+                Lt, Mt = _chol(S), None
         else:
-            Lt = jnp.zeros((0, 0))
-        return ArrowFactor(layout=self, flat=flat, Lh=Lh, W=W, Lt=Lt)
+            Lt, Mt = jnp.zeros((0, 0)), None
+        return ArrowFactor(layout=self, flat=flat, Lh=Lh, W=W, Lt=Lt, Mt=Mt)
 
 
 class ArrowFactor(eqx.Module):
@@ -384,6 +326,13 @@ class ArrowFactor(eqx.Module):
     Lh: jax.Array
     W: jax.Array
     Lt: jax.Array
+    Mt: jax.Array | None = None  # Lt^-T, when the tail went through `_dense`
+
+    def _tail_inverse(self):
+        """S^-1 of the tail's Schur complement."""
+        if self.Mt is not None:
+            return _dense.upper_gram(self.Mt)
+        return _chol_inverse(self.Lt)
 
     def logdet(self):
         return logdet(self.layout, self.flat)
@@ -445,7 +394,7 @@ class ArrowFactor(eqx.Module):
         head = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)  # D^-1 blocks
         if not lay.t:
             return head, jnp.zeros((lay.m, lay.k, 0)), jnp.zeros((0, 0))
-        Sinv = _chol_inverse(self.Lt)
+        Sinv = self._tail_inverse()
         cols = lay.cols[:, : lay.c]
         Scc = Sinv[cols[:, :, None], cols[:, None, :]]  # (m, c, c)
         V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # (m, k, c)
@@ -457,7 +406,7 @@ class ArrowFactor(eqx.Module):
         """d logdet / d flat: Sigma on the head blocks and the tail (both triangles
         stored), twice Sigma on the coupling (stored once for both triangles)."""
         head, coup, tail = self._selected_inverse()
-        coup = 2.0 * coup * self.layout.cmask[:, None, :]
+        coup = 2.0 * coup * self.layout.cmask()[:, None, :]
         return jnp.concatenate([head.reshape(-1), coup.reshape(-1), tail.reshape(-1)])
 
     def inverse_entries(self, rows, cols):
@@ -488,10 +437,12 @@ class ArrowFactor(eqx.Module):
         dh = jnp.sum(Lhinv**2, axis=1)  # (m, k)
         if not lay.t:
             return self._scatter(dh, jnp.zeros((0,)))
-        Sinv = _chol_inverse(self.Lt)
+        Sinv = self._tail_inverse()
         V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # (m, k, c)
         pb, pi, pj = lay.pair_b, lay.pair_i, lay.pair_j
-        terms = V[pb, :, pi] * Sinv.reshape(-1)[lay.pair_dest][:, None] * V[pb, :, pj]  # (P, k)
+        # the pairs i <= j of each block: an off-diagonal one stands for (i, j) and (j, i)
+        sinv = Sinv.reshape(-1)[lay.pair_dest] * jnp.where(pi == pj, 1.0, 2.0)
+        terms = V[pb, :, pi] * sinv[:, None] * V[pb, :, pj]  # (P, k)
         return self._scatter(dh + jax.ops.segment_sum(terms, pb, lay.m), jnp.diagonal(Sinv))
 
 
@@ -533,26 +484,29 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -
     cidx = np.arange(len(keys)) - first
     c = int(cidx.max()) + 1 if len(keys) else 0
     colsarr = np.zeros((m, max(c, 1) if t else 0), np.int64)
-    cmask = np.zeros((m, c))
     if len(keys):
         colsarr[kb, cidx] = keys % t
-        cmask[kb, cidx] = 1.0
     # the Schur complement's updates: only real coupling pairs of each block (a
     # padded c x c block per head block wastes work when couplings vary in number),
-    # sorted by destination so the scatter is a sorted segment sum
+    # and of those only i <= j (a block's columns are sorted, so these fall on the
+    # upper triangle; the factor mirrors them), sorted by destination so the
+    # scatter is a sorted segment sum
     if len(keys):
         nvalid = np.bincount(kb, minlength=m)
         pb = np.repeat(np.arange(m), nvalid**2)
         offs = np.concatenate([[0], np.cumsum(nvalid**2)[:-1]])
         local = np.arange(len(pb)) - offs[pb]
         pi, pj = local // nvalid[pb], local % nvalid[pb]
+        upper = pi <= pj
+        pb, pi, pj = pb[upper], pi[upper], pj[upper]
         dest = colsarr[pb, pi] * t + colsarr[pb, pj]
         order = np.argsort(dest, kind="stable")
         pair_b, pair_i, pair_j, pair_dest = pb[order], pi[order], pj[order], dest[order]
     else:
         pair_b = pair_i = pair_j = pair_dest = np.zeros(0, np.int64)
     return ArrowLayout(
-        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr, cmask=cmask,
+        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr,
+        ncoup=np.bincount(kb, minlength=m).astype(np.int32),
         where_block=where_block, where_pos=where_pos, coupling_keys=keys, coupling_idx=cidx,
         pair_b=pair_b.astype(np.int32), pair_i=pair_i.astype(np.int32), pair_j=pair_j.astype(np.int32),
         pair_dest=pair_dest.astype(np.int32),

@@ -61,7 +61,8 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
             lmm = ProfiledLMM(template)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = None if lmm is None else lmm.fit_model(user_disp=bool(start) and "betadisp" in start)
+        fit = None if lmm is None else lmm.fit_model(user_disp=bool(start) and "betadisp" in start,
+                                                      user_theta=bool(start) and "theta" in start)
         if fit is None:
             fit = template.model.fit()
     call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,

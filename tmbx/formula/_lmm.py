@@ -143,7 +143,7 @@ class ProfiledLMM:
         pad = np.concatenate([self.layout.padding(), [0.0]])
         # the layout's large index arrays travel as data, not as constants of the
         # compiled program (constants of ~10^7 entries cost seconds of compilation)
-        self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols")
+        self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup")
                               if np.size(getattr(self.layout, a, None)) > 10_000]
 
         self.data = dict(
@@ -182,6 +182,7 @@ class ProfiledLMM:
         self._core = self._make_core()
         self.sd_mask = self._log_sd_mask()
         self.relative = self.sd_mask is not None
+        self._intercepts = self._intercept_terms() if self.relative else None
 
     @staticmethod
     def _layout_hint(terms, q):
@@ -393,7 +394,7 @@ class ProfiledLMM:
         aux = jnp.concatenate([beta, g_r2, jax.lax.stop_gradient(r2)[None], S.reshape(-1), u])
         return val, aux
 
-    def _fit_rel(self, zeta0, D):
+    def _fit_rel(self, zeta0, D, hinv0=None):
         """BFGS over zeta (sigma profiled), then the Hessian in the template's
         parameters. With P(zeta, d) the beta-profiled criterion,
         P = n/2 d + r2(zeta) / (2 e^d) + (terms free of d), so at the optimum
@@ -409,7 +410,7 @@ class ProfiledLMM:
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + nth + 1 + p * p + self.q)
-        res = bfgs(vg, zeta0, aux0, D, BFGSOptions(polish=True, jac_aux=p))
+        res = bfgs(vg, zeta0, aux0, D, BFGSOptions(polish=True, jac_aux=p), hinv0=hinv0)
         zeta, aux = res["x"], res["aux"]
         beta, g_r2, r2 = aux[:p], aux[p: p + nth], aux[p + nth]
         o = p + nth + 1
@@ -519,7 +520,9 @@ class ProfiledLMM:
                 d = math.log(v)
         return np.concatenate([theta, [d]])
 
-    def fit(self, D=None, user_disp=False):
+    def fit(self, D=None, user_disp=False, y=None, user_theta=False):
+        """Fit to the data ``D`` (default the model's; ``y``: the centred response
+        they were made from, for the start values)."""
         if self._compiled is None:
             self._compiled = self.template.model.jit(self._fit_rel if self.relative else self._fit_impl)
         D = self.data if D is None else D
@@ -527,9 +530,13 @@ class ProfiledLMM:
         if not self.relative:
             return jax.tree_util.tree_map(np.asarray, self._compiled(jnp.asarray(z0), D))
         # the template's start (glmmTMB's: sds of 1 on the response's scale), as sds
-        # relative to sigma
+        # relative to sigma; or, for random intercepts, moment estimates
         zeta0 = z0[:-1] - 0.5 * z0[-1] * self.sd_mask
-        run = lambda z: jax.tree_util.tree_map(np.asarray, self._compiled(jnp.asarray(z), D))
+        hinv0 = None
+        if not user_theta and self._intercepts is not None:
+            zeta0, hinv0 = self._moment_start(self._y if y is None else y)
+        hinv0 = None if hinv0 is None else to_device(hinv0)
+        run = lambda z: jax.tree_util.tree_map(np.asarray, self._compiled(jnp.asarray(z), D, hinv0))
         res = run(zeta0)
         # an sd near zero relative to sigma. On the log scale the boundary is flat (the
         # gradient vanishes with the sd), so the optimizer stops wherever the gradient
@@ -544,6 +551,55 @@ class ProfiledLMM:
         if low.any():
             res = self._better(res, run(np.where(low, -20.0, zeta)), -1e-9 * max(1.0, abs(float(res["f"]))))
         return res
+
+    def _intercept_terms(self):
+        """Each term's group index when every term is a random intercept (one level
+        column of ones, one log-sd parameter), else None."""
+        cond = self.template.design.components["cond"]
+        out = []
+        for j, t in enumerate(self.terms):
+            sl = np.arange(t.theta_slice.start, t.theta_slice.stop)
+            Z = np.asarray(cond.re[j].Z, float)
+            if t.k != 1 or sl.size != 1 or not self.sd_mask[sl[0]] or not np.all(Z == 1.0):
+                return None
+            out.append((int(sl[0]), np.asarray(cond.re[j].index, np.int64), t.m))
+        return out
+
+    def _moment_start(self, y):
+        """Start values for random intercepts from one-way analyses of variance of
+        the least-squares residuals ``y`` (already centred on ``X beta0``), and a
+        diagonal inverse Hessian to go with them.
+
+        Per term with ``G`` groups of sizes ``n_g``: the within-group variance
+        ``s2w`` and ``s2b = var(group means) - s2w mean(1 / n_g)`` (Henderson's
+        method I on one factor at a time), ``sigma^2 = var(y) - sum(s2b)`` (at least
+        a tenth of ``var(y)``) and ``zeta = log(sqrt(s2b) / sigma)``, clipped to
+        [-3, 3]. The curvature of the criterion in ``zeta`` is about ``2 G rho^2``
+        with ``rho = s2b / (s2b + s2w / mean(n_g))`` (a balanced one-way model's
+        information for its log sd), floored at 1. On the crossed cases these land
+        within 0.05 (InstEval's 14-level dept: 0.3) of the optimum, and BFGS takes
+        about half the evaluations it takes from glmmTMB's start (all sds 1)."""
+        w = self._w
+        sw = float(np.sum(w))
+        total = float(np.sum(w * y * y)) / sw
+        zeta = np.zeros(self.sd_mask.size)
+        curv = np.ones(self.sd_mask.size)
+        s2b = {}
+        for pos, g, m in self._intercepts:
+            n = np.bincount(g, weights=w, minlength=m)
+            ok = n > 0
+            mean = np.bincount(g, weights=w * y, minlength=m) / np.where(ok, n, 1.0)
+            s2w = float(np.sum(w * (y - mean[g]) ** 2)) / max(sw - ok.sum(), 1.0)
+            between = float(np.var(mean[ok])) - s2w * float(np.mean(1.0 / n[ok]))
+            s2b[pos] = max(between, 0.0)
+            rho = s2b[pos] / max(s2b[pos] + s2w / float(np.mean(n[ok])), 1e-300)
+            curv[pos] = max(2.0 * ok.sum() * rho**2, 1.0)
+        sigma2 = max(total - sum(s2b.values()), 0.1 * total, 1e-300)
+        for pos, v in s2b.items():
+            zeta[pos] = np.clip(0.5 * math.log(max(v, 1e-300) / sigma2), -3.0, 3.0)
+        if not np.all(np.isfinite(zeta)):
+            return np.zeros_like(zeta), None
+        return zeta, np.diag(1.0 / curv)
 
     def _relative(self, res):
         return res["x"][self._theta_pos()] - 0.5 * res["x"][self._disp_pos()] * self.sd_mask
@@ -580,7 +636,7 @@ class ProfiledLMM:
         D["yty"] = to_device(float(np.sum(self._w * y * y)))
         return D
 
-    def fit_model(self, D=None, user_disp=False, y=None):
+    def fit_model(self, D=None, user_disp=False, y=None, user_theta=False):
         """`fit` wrapped as the engine's `tmbx.Fit` of the template's model (with
         ``y``: a refit to a new response of the same design); None when the
         optimizer did not converge, for the caller to use the general path."""
@@ -588,10 +644,12 @@ class ProfiledLMM:
 
         model = self.template.model
         data = model.data
+        yc = None
         if y is not None:
             D = self.data_for(y)
             data = dict(data, y=jnp.asarray(y, float))
-        res = self.fit(D, user_disp)
+            yc = np.asarray(y, float) - self._offset - self._X @ self.beta0
+        res = self.fit(D, user_disp, yc, user_theta)
         if int(res["status"]) != 0 or not np.isfinite(float(res["f"])) or float(res["conditioning"]) < 1e-8:
             # the general Laplace path takes it (a boundary such as sigma -> 0, where
             # the fixed effects are barely identified beside the random effects)
