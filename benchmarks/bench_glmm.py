@@ -6,7 +6,7 @@
     python benchmarks/bench_glmm.py --large --peers-large   # ... and glmm (PyPI) run beside it
     python benchmarks/bench_glmm.py --cases insteval_crossed,ladder_crossed_1e5
     python benchmarks/bench_glmm.py --tools tmbx_cold,tmbx_warm --cases salamanders_zip
-    python benchmarks/bench_glmm.py --table              # print the table of the saved results
+    python benchmarks/bench_glmm.py --table              # the tables of the saved results, the ratio plot and cost curves
     python benchmarks/bench_glmm.py --profile --cases insteval_crossed   # + compile/run split
 
 Cases: every reference case in ``tests/data/cases`` (glmmTMB 1.1.5 fits of real
@@ -70,6 +70,7 @@ on a shared machine, compare tools measured side by side only.
 from __future__ import annotations
 
 import argparse
+import math
 import glob
 import json
 import os
@@ -776,10 +777,97 @@ def plot_ratios(results: dict, cases: dict, path: str):
     print(f"\nplot: {path}")
 
 
+def cost_curves(results: dict, cases: dict) -> dict:
+    """Fit time against N on the scale ladder: ``{kind: {tool: [(N, seconds, measured)]}}``.
+
+    tmbx: its repeated fit (``tmbx``) and its first fit with a cold cache
+    (``tmbx first (cold)``); a peer: its time measured here, else the time
+    published in peers.json (``measured`` False)."""
+    curves = {}
+    for cid, case in cases.items():
+        if case.get("source") != "ladder":
+            continue
+        n, tools = float(case["N"]), results.get(cid, {}).get("tools", {})
+        kind = curves.setdefault(case["kind"], {})
+        s = results.get(cid, {}).get("summary", {})
+        if s.get("tmbx_repeated_seconds") and math.isfinite(s["tmbx_repeated_seconds"]):
+            kind.setdefault("tmbx", []).append((n, s["tmbx_repeated_seconds"], True))
+        cold = tools.get("tmbx_cold", {})
+        if cold.get("ok") and cold.get("first_seconds"):
+            kind.setdefault("tmbx first (cold)", []).append((n, cold["first_seconds"], True))
+        published = {t: _published_seconds(v) for t, v in (case.get("ref_peer_seconds") or {}).items()}
+        for tool in PEERS:
+            r = tools.get(tool, {})
+            if r.get("ok") and r.get("seconds"):
+                kind.setdefault(tool, []).append((n, r["seconds"], True))
+            elif tool in published:
+                kind.setdefault(tool, []).append((n, published[tool], False))
+    return {k: {t: sorted(v) for t, v in d.items()} for k, d in curves.items()}
+
+
+def loglog_slope(points) -> float:
+    """Least-squares slope of log(seconds) on log(N) (NaN with fewer than two sizes)."""
+    import numpy as np  # not at module level: the workers time their own imports
+
+    if len({p[0] for p in points}) < 2:
+        return float("nan")
+    x = np.log([p[0] for p in points])
+    y = np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def plot_curves(results: dict, cases: dict, path: str):
+    """Log-log plot of fit time against N per ladder kind, one line per tool with
+    its fitted slope in the legend (open markers: published, not re-run); the
+    slopes are printed too."""
+    curves = cost_curves(results, cases)
+    curves = {k: d for k, d in curves.items() if any(len(v) >= 2 for v in d.values())}
+    if not curves:
+        return
+    print("\n== cost curves: slope of log(fit seconds) on log(N) over the ladder (1e5 to 5e6 rows)")
+    for kind, d in curves.items():
+        print(f"{kind:10s} " + "  ".join(f"{t} {loglog_slope(v):.2f} ({len(v)} sizes)" for t, v in d.items()
+                                        if len(v) >= 2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path})")
+        return
+    style = {"tmbx": ("black", "-"), "tmbx first (cold)": ("grey", "--"),
+             **{t: (c, "-") for t, c in zip(PEERS, ["tab:blue", "tab:orange", "tab:green", "tab:red"])}}
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4.5), squeeze=False)
+    for ax, (kind, d) in zip(axes[0], curves.items()):
+        for tool, pts in d.items():
+            if len(pts) < 2:
+                continue
+            colour, ls = style[tool]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour,
+                    label=f"{tool} (slope {loglog_slope(pts):.2f})")
+            for n, sec, measured in pts:
+                ax.plot(n, sec, "o", color=colour, fillstyle="full" if measured else "none")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rows N")
+        ax.set_ylabel("fit seconds")
+        ax.set_title(f"ladder: {kind}")
+        ax.grid(which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("fit time against N (open markers: published times, not re-run)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def report(results: dict, cases: dict, out: str):
-    """The tables, and the ratio plot next to the JSON (glmm.json -> glmm_ratios.png)."""
+    """The tables, the ratio plot next to the JSON (glmm.json -> glmm_ratios.png) and,
+    where the ladder has two sizes or more, the cost curves (glmm_curves.png)."""
     print_table(results, cases)
     plot_ratios(results, cases, os.path.splitext(out)[0] + "_ratios.png")
+    plot_curves(results, cases, os.path.splitext(out)[0] + "_curves.png")
 
 
 def _git_state() -> str:

@@ -22,6 +22,7 @@ from ._laplace import InnerOptions
 from ._model import BatchFit, Fit, LatentGaussian, Model
 from ._optim import BFGSOptions
 from ._sdreport import SDReport
+from ._shard import shard_rows, split_devices
 from . import families, covstructs  # noqa: E402  (plug-in libraries)
 from .formula import GlmmFit, anova, glmm
 from .inference import kr_test, pb_test
@@ -29,6 +30,6 @@ from .batch import glmm_batch, power
 
 __all__ = [
     "BFGSOptions", "BatchFit", "GlmmFit", "anova", "covstructs", "families", "glmm", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
-    "list_datasets", "load_dataset", "glmm_batch", "kr_test", "pb_test", "power",
+    "list_datasets", "load_dataset", "glmm_batch", "kr_test", "pb_test", "power", "shard_rows", "split_devices",
 ]
 __version__ = "0.1.0"

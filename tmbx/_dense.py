@@ -32,7 +32,7 @@ BLOCK = 256
 
 def chol_with_inverse(A):
     """``(L, M)``: the lower Cholesky factor of the symmetric positive definite
-    ``A`` (its lower triangle read; the input is symmetrized first) and
+    ``A`` (symmetrized first, as ``_chol`` does) and
     ``M = L^-T``, upper triangular, so that ``A^-1 = M M'`` (`upper_gram`).
 
     With ``A = [[A11, A21'], [A21, A22]]``: ``L11 = chol(A11)``,

@@ -19,7 +19,7 @@ from ._template import build_template, resolve_family
 def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, dispformula=None,
          reml: bool = False, weights=None, offset=None, start=None, map=None, *,
          na_action: str = "omit", layout: str | None = None, REML=None, priors=None,
-         nagq: int = 1, method: str = "auto") -> GlmmFit:
+         nagq: int = 1, method: str = "auto", devices=None) -> GlmmFit:
     """Fit a generalized linear mixed model with glmmTMB's syntax.
 
     >>> fit = tmbx.glmm("count ~ spp + mined + (1|site)", data=df, family="nbinom2",
@@ -38,6 +38,11 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     profiled penalized least squares on cross-products (lme4's algorithm; the
     same optimum and log-likelihood, much faster on large data), everything
     else by the general Laplace engine; "laplace" forces the general engine.
+    ``devices``: split the rows across devices (a list of JAX devices, or how
+    many of ``jax.devices()``), the largest number of them that divides the rows
+    evenly (`tmbx.shard_rows`): each device holds and evaluates its rows, and
+    sums over rows become collective sums. Profiled least squares (Gaussian)
+    reduces the rows to cross-products once and is not split.
     """
     if method not in ("auto", "laplace"):
         raise ValueError(f"method must be 'auto' or 'laplace', got {method!r}")
@@ -53,6 +58,8 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
                           family_needs_trials=getattr(fam, "needs_trials", False))
     template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
                               priors=priors, nagq=nagq)
+    if devices is not None:
+        _shard_template(template, devices)
     lmm = None
     if method == "auto":
         from ._lmm import ProfiledLMM, lmm_applicable
@@ -75,6 +82,21 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
 
     warn_fit(out, caught)
     return out
+
+
+def _shard_template(template, devices) -> None:
+    """The template's data split by rows over the largest number of ``devices``
+    that divides the rows, with a warning when that is fewer than given."""
+    from .._shard import _device_list, shard_rows, split_devices
+
+    n = int(template.design.nobs)
+    given = _device_list(devices)
+    devs = split_devices(n, given)
+    if len(devs) < len(given):
+        warnings.warn(f"{n} rows do not split evenly over {len(given)} devices: using {len(devs)} "
+                      f"(the largest number that divides {n})", stacklevel=3)
+    model = template.model
+    model.data = shard_rows(model.data, n, devs)
 
 
 def anova(*fits: GlmmFit, **kwargs) -> pd.DataFrame:
