@@ -303,7 +303,7 @@ def _lattice_matrix(rng, n):
 
 @pytest.mark.parametrize("kind", ["dense", "arrow_k1", "arrow_k2", "arrow_wide", "banded"])
 def test_layouts_factorize_like_dense_linear_algebra(kind):
-    """Every layout's factor against NumPy. ``arrow_wide``: a tail of 301 levels,
+    """Every layout's factor against NumPy. ``arrow_wide``: a tail of 260 levels,
     above `_dense.BLOCK`, so it goes through the recursive blocking."""
     from tmbx._sparse import DenseLayout, arrow_layout, banded_layout
 
@@ -311,7 +311,7 @@ def test_layouts_factorize_like_dense_linear_algebra(kind):
     if kind == "banded":
         A = _lattice_matrix(rng, 12)
     elif kind == "arrow_wide":
-        A = _crossed_matrix(rng, 400, 301, 5000)
+        A = _crossed_matrix(rng, 300, 260, 3000)
     else:
         A = _crossed_matrix(rng, 60, 6, 400, k=2 if kind == "arrow_k2" else 1)
     n = A.shape[0]
@@ -321,7 +321,7 @@ def test_layouts_factorize_like_dense_linear_algebra(kind):
     elif kind == "banded":
         lay = banded_layout(n, r, c)
     else:
-        lay = arrow_layout(n, r, c, np.arange(n - (301 if kind == "arrow_wide" else 6), n))
+        lay = arrow_layout(n, r, c, np.arange(n - (260 if kind == "arrow_wide" else 6), n))
     sl = lay.slots(r, c)
     keep = sl >= 0
     flat = jnp.asarray(lay.padding()).at[sl[keep]].add(A[r[keep], c[keep]])
@@ -365,14 +365,14 @@ def test_every_fixed_parameter_held_by_map():
     assert fit.loglik == pytest.approx(st.multivariate_normal(np.full(24, 0.3), V).logpdf(y), abs=1e-9)
 
 
-@pytest.mark.parametrize("n", [5, 257, 611])
+@pytest.mark.parametrize("n", [5, 300])
 def test_dense_inverse_from_cholesky_factor(n):
     """`_chol_inverse` (one ``cho_solve`` up to `_dense.BLOCK`, recursive blocking
     above it) is S^-1, and its derivative is -S^-1 dS S^-1."""
     from tmbx._dense import BLOCK
     from tmbx._sparse import _chol_inverse
 
-    assert 5 < BLOCK < 257
+    assert 5 < BLOCK < 300
     rng = np.random.default_rng(n)
     A = rng.normal(size=(n, n + 3))
     S = A @ A.T / n + 0.1 * np.eye(n)

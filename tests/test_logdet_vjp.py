@@ -138,10 +138,10 @@ def test_selected_inverse_diagonal(kind):
 def test_logdet_rule_with_recursive_dense_kernels(kind, monkeypatch):
     """Dense factors above `_dense.BLOCK` (large tails) are factored and inverted by
     recursive blocking (`tmbx._dense`): the same first and second derivatives,
-    here forced on small matrices with blocks of 2."""
+    here forced on small matrices with blocks of 3."""
     from tmbx import _dense
 
-    monkeypatch.setattr(_dense, "BLOCK", 2)
+    monkeypatch.setattr(_dense, "BLOCK", 3)
     test_logdet_rule_matches_finite_differences(kind)
     test_logdet_rule_second_derivative(kind)
     test_selected_inverse_diagonal(kind)  # the arrow's diag_inverse (LMM gradients) too
@@ -154,7 +154,7 @@ def test_recursive_dense_kernels_match_numpy_under_jit_vmap_and_grad(monkeypatch
     A = np.stack([_spd_with_pattern(rng, np.ones((7, 7), bool)) for _ in range(3)])
     L = jnp.linalg.cholesky(jnp.asarray(A))
     lapack = jax.vmap(_sparse._chol_inverse)(L)  # below the block size: cho_solve
-    monkeypatch.setattr(_dense, "BLOCK", 2)
+    monkeypatch.setattr(_dense, "BLOCK", 4)
     rec = jax.jit(jax.vmap(_sparse._chol_inverse))(L)
     np.testing.assert_allclose(np.asarray(rec), np.linalg.inv(A), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.asarray(rec), np.asarray(lapack), rtol=1e-12, atol=1e-14)
