@@ -627,9 +627,14 @@ class ProfiledLMM:
             zeta[sl[self.sd_mask[sl]]] = -math.log(max(rms, 1e-12))
         return zeta
 
+    def _centred(self, y):
+        """Response(s) (rows last) less the offset and ``X beta0``: the residuals the
+        cross-products and the moment start are computed from."""
+        return np.asarray(y, float) - self._offset - self._X @ self.beta0
+
     def data_for(self, y):
-        """The statistics for a new response vector (same design): a refit's data."""
-        y = np.asarray(y, float) - self._offset - self._X @ self.beta0
+        """The statistics for a new response vector (same design): a refit's data;
+        ``y`` already centred (`_centred`)."""
         D = dict(self.data)
         D["ZtXy"] = to_device(np.column_stack([np.asarray(self.data["ZtXy"])[:, :-1], self._WZt @ y]))
         D["Xty"] = to_device(self._WX.T @ y)
@@ -646,9 +651,9 @@ class ProfiledLMM:
         data = model.data
         yc = None
         if y is not None:
-            D = self.data_for(y)
+            yc = self._centred(y)
+            D = self.data_for(yc)
             data = dict(data, y=jnp.asarray(y, float))
-            yc = np.asarray(y, float) - self._offset - self._X @ self.beta0
         res = self.fit(D, user_disp, yc, user_theta)
         if int(res["status"]) != 0 or not np.isfinite(float(res["f"])) or float(res["conditioning"]) < 1e-8:
             # the general Laplace path takes it (a boundary such as sigma -> 0, where
@@ -704,7 +709,7 @@ class ProfiledLMM:
         inverse starts each replicate's BFGS, whose first steps are then close to
         Newton steps (sleepstudy: 7.6 evaluations per replicate on average, against
         9.5 from a scaled identity)."""
-        Yc = np.asarray(Y, float) - self._offset - self._X @ self.beta0
+        Yc = self._centred(Y)
         stats = (np.asarray((self._WZt @ Yc.T).T), Yc @ self._WX, np.sum(self._w * Yc * Yc, axis=1))
         z = np.asarray(self._z_of_x(x_start))
         B = Yc.shape[0]
