@@ -169,3 +169,61 @@ def test_sleepstudy_lmm_runs_on_blocks():
     fit = tmbx.glmm("Reaction ~ Days + (Days|Subject)", data=tmbx.load_dataset("sleepstudy"), reml=False)
     assert fit._fit._lmm.layout.kind == "arrow"
     assert fit.model.laplace.layout.kind == "arrow"
+
+
+def test_bfgs_stops_a_line_search_at_the_objective_noise():
+    """A gradient that no step can realize (the value flat to rounding, as a
+    Laplace objective near a boundary is): the first failing trial ends the
+    direction, a steepest-descent restart fails too, and BFGS reports the line
+    search, instead of sixty halvings at the noise floor."""
+    from tmbx._optim import OUTER_LINESEARCH, BFGSOptions, bfgs
+
+    def vg(x, aux, data):
+        return jnp.asarray(1.0) + 0.0 * x[0], jnp.full_like(x, 1e-3), aux
+
+    res = bfgs(vg, jnp.zeros(2), jnp.zeros(1), None, BFGSOptions(polish=False))
+    assert int(res["status"]) == OUTER_LINESEARCH
+    assert int(res["iterations"]) <= 3  # start, one trial, one restart
+
+
+def test_bfgs_expansion_never_steps_past_max_step():
+    """Along an unbounded descent direction the expanding line search stops at
+    ``max_step`` per coordinate from the current point (it used to multiply the
+    step by 4 five times: a log-variance sent from -2 to -53 in one iteration)."""
+    from tmbx._optim import BFGSOptions, bfgs
+
+    trials = []
+
+    def vg(x, aux, data):
+        jax.debug.callback(lambda v: trials.append(np.asarray(v)), x)
+        return -x[0] + 0.5 * x[1] ** 2, jnp.stack([-1.0 + 0.0 * x[0], x[1]]), aux
+
+    opts = BFGSOptions(polish=False, max_step=4.0)
+    bfgs(vg, jnp.asarray([0.0, 1.0]), jnp.zeros(1), None, opts, max_evals=25)
+    steps = np.abs(np.diff(np.asarray(trials), axis=0)).max(axis=1)
+    assert len(trials) == 25 and steps.max() <= 4.0 + 1e-9
+    assert trials[-1][0] > 40  # it still moves, max_step at a time
+
+
+def test_tiered_compilation(tmp_path, monkeypatch):
+    """`tmbx._tiered.TieredJit`: the first call runs a level-0 program; a slow one
+    starts the optimized compile, which later calls wait for and run (same
+    numbers), and a marker lets a new program load the optimized one at once."""
+    from tmbx import _tiered
+
+    monkeypatch.setattr(_tiered, "_marker_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(_tiered, "SLOW", -1.0)  # every first run counts as slow
+    fn = lambda x, d: jnp.sum(jnp.sin(x) * d["w"]) + jnp.cumsum(x)[-1]
+    args = (jnp.linspace(0, 1, 50), {"w": jnp.arange(50.0)})
+    expect = float(jax.jit(fn)(*args))
+    t = _tiered.TieredJit(fn, {"xla_backend_optimization_level": 0})
+    assert float(t(*args)) == pytest.approx(expect, rel=1e-13)
+    prog = next(iter(t._programs.values()))
+    assert prog.thread is not None  # optimizing in the background
+    assert float(t(*args)) == pytest.approx(expect, rel=1e-13)
+    assert prog.optimized and (tmp_path / prog.key).exists()
+    t2 = _tiered.TieredJit(fn, {"xla_backend_optimization_level": 0})
+    assert float(t2(*args)) == pytest.approx(expect, rel=1e-13)
+    assert next(iter(t2._programs.values())).optimized  # loaded optimized for its first call
+    # another shape is another program
+    assert float(t2(jnp.zeros(3), {"w": jnp.ones(3)})) == 0.0 and len(t2._programs) == 2

@@ -103,6 +103,7 @@ class Laplace:
         self._diag = to_device(self.layout.diag_slots(), np.int32)
         self.u_star = self._make_u_star()
         self.marginal = self._make_marginal()
+        self._marginal_jac = None
 
     # -- pieces -----------------------------------------------------------
     def grad_u(self, x, u, data):
@@ -204,14 +205,19 @@ class Laplace:
         status = jnp.where((status == INNER_OK) & singular, INNER_SINGULAR, status)
         return val, status, F
 
-    def _make_marginal(self):
+    def _make_marginal(self, with_jac=False):
         lap = self
+
+        def jac(x, u, data, F):
+            # du*/dx = -H^-1 d2f/du dx: the mode's first-order change with x
+            cross = jax.jacfwd(lambda xx: lap.grad_u(xx, u, data))(x)
+            return -F.solve(cross)
 
         @jax.custom_jvp
         def marginal(x, u0, data):
             u, status = lap.u_star(x, u0, data)
-            val, status, _ = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status)
-            return val, u, status
+            val, status, F = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status)
+            return (val, u, status, jac(x, u, data, F)) if with_jac else (val, u, status)
 
         @marginal.defjvp
         def marginal_jvp(primals, tangents):
@@ -229,9 +235,23 @@ class Laplace:
             _, rhs = jax.jvp(lambda xx, dd: lap.grad_u(xx, u, dd), (x, data), (dx, ddata))
             du = -F.solve(rhs)
             dval = f_lin(dx, du, ddata) + 0.5 * jnp.sum(F.logdet_grad() * flat_lin(dx, du, ddata))
-            return (val, u, status), (dval, du, np.zeros(np.shape(status), dtype=jax.dtypes.float0))
+            out = (val, u, status)
+            tan = (dval, du, np.zeros(np.shape(status), dtype=jax.dtypes.float0))
+            if with_jac:  # a by-product for warm starts, not differentiated
+                J = jac(x, u, data, F)
+                out, tan = out + (J,), tan + (jnp.zeros_like(J),)
+            return out, tan
 
         return marginal
+
+    def objective_with_jac(self, x, u0, data):
+        """`objective` plus ``J = du*/dx`` at ``x`` (no derivative of its own): the
+        optimizer predicts the mode at its next point as ``u* + J dx`` and starts the
+        inner Newton solve there (fewer iterations; one solve with ``n_x`` columns)."""
+        if self._marginal_jac is None:
+            self._marginal_jac = self._make_marginal(with_jac=True)
+        val, u, status, J = self._marginal_jac(x, jax.lax.stop_gradient(u0), data)
+        return val, (u, status, J)
 
     def objective(self, x, u0, data):
         """``(L(x), (u*, status))``: Laplace marginal nll and the inner solution."""

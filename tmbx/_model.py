@@ -26,6 +26,7 @@ import numpy as np
 
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
+from ._tiered import TieredJit
 from ._internal import to_device
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
@@ -222,7 +223,9 @@ class Model:
         self._value_grad = jit(vg)
         grad = lambda x, u0, d: vg(x, u0, d)[1]
         self._hess = jit(jax.jacfwd(grad))
-        self._fit_core = jit(self._fit_impl)
+        # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
+        opts = self._compiler_options
+        self._fit_core = TieredJit(self._fit_impl, opts) if opts else jit(self._fit_impl)
         # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
 
@@ -233,9 +236,44 @@ class Model:
             self._compiler_options = compile_options(self.data, self.space.n_u)
         return jax.jit(fn, compiler_options=self._compiler_options)
 
+    #: the mode predictor (`_vg_predict`) pays one solve with a column per fixed
+    #: parameter each evaluation; beyond this many it costs more than it saves
+    PREDICT_MAX_X = 8
+
+    def _predicts(self, n_x):
+        lap = self.laplace
+        return (lap is not None and self.agq is None and not lap.quadratic
+                and 0 < n_x <= self.PREDICT_MAX_X)
+
+    def _objective_jac(self, x, u0, d):
+        if getattr(self, "_objective_jac_jit", None) is None:
+            self._objective_jac_jit = jax.jit(self.laplace.objective_with_jac)
+        return self._objective_jac_jit(x, u0, d)
+
+    def _vg_predict(self, x, aux, d):
+        """`_vg` with a warm start predicted to first order: ``aux = (u*, x_u, J)``
+        from the last accepted point, the inner solve starts at ``u* + J (x - x_u)``
+        (or at ``u*`` if that is no better), and returns this point's triple.
+        Near the optimum (line searches, the finite-difference Hessian) the
+        predicted mode is within ``O(|dx|^2)`` and one Newton step confirms it."""
+        u_prev, x_prev, J = aux
+        f = self.laplace.f
+        u_lin = u_prev + J @ (x - x_prev)
+        f_lin, f_prev = f(x, u_lin, d), f(x, u_prev, d)
+        u0 = jnp.where(jnp.isfinite(f_lin) & (f_lin <= f_prev), u_lin, u_prev)
+        (val, (u, status, J_new)), g = jax.value_and_grad(self._objective_jac, has_aux=True)(x, u0, d)
+        val = jnp.where(status != INNER_OK, jnp.inf, val)
+        return val, g, (u, x, J_new)
+
     def _fit_impl(self, x0, u0, d):
-        res = bfgs(self._vg, x0, u0, d, self.options)
-        return dict(x=res["x"], u=res["aux"], f=res["f"], g=res["g"], status=res["status"],
+        if self._predicts(x0.shape[0]):
+            aux0 = (u0, x0, jnp.zeros((u0.shape[0], x0.shape[0]), u0.dtype))
+            res = bfgs(self._vg_predict, x0, aux0, d, self.options)
+            u = res["aux"][0]
+        else:
+            res = bfgs(self._vg, x0, u0, d, self.options)
+            u = res["aux"]
+        return dict(x=res["x"], u=u, f=res["f"], g=res["g"], status=res["status"],
                     iterations=res["iterations"], hessian=res["hessian"])
 
     # ------------------------------------------------------------- TMB-like

@@ -56,6 +56,9 @@ class BFGSOptions(eqx.Module):
     largest change of any parameter in one iteration; ``max_evals``: objective
     evaluations in all; ``polish``: finish with a Newton step on a
     finite-difference Hessian of the exact gradient (step ``fd_step``);
+    ``noise``: a line-search trial that fails by less than ``noise * max(1, |f|)``
+    ends that search (the objective's rounding noise: an ill-conditioned Laplace
+    objective near a boundary is noisy at about 1e-11 relative);
     ``jac_aux``: with ``polish``, also difference the first ``jac_aux`` entries of
     a 1-D ``aux`` at the same points (their Jacobian in x, ``aux_jacobian``).
     """
@@ -69,6 +72,7 @@ class BFGSOptions(eqx.Module):
     fd_step: float = 1e-4
     jac_aux: int = 0
     max_expand: int = 5
+    noise: float = 1e-11
 
 
 def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None,
@@ -142,7 +146,10 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         expanding = st["nexp"] > 0
         improve = armijo & (~expanding | (ft < st["fb"]))
         steep = jnp.dot(gt, p) < 0.9 * slope
-        expand = ls & improve & steep & (st["halvings"] == 0) & (st["nexp"] < opt.max_expand)
+        # ... never past max_step in any coordinate: along a flat direction (a variance
+        # running to 0) unbounded expansion jumps to where the objective is rounding noise
+        room = 4.0 * a * jnp.max(jnp.abs(p), initial=0.0) <= opt.max_step
+        expand = ls & improve & steep & (st["halvings"] == 0) & (st["nexp"] < opt.max_expand) & room
         use_best = ls & expanding & ~improve
         acc = ls & ((improve & ~expand) | use_best)
         # the accepted candidate: this point, or the best point of the expansion
@@ -165,7 +172,11 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         # backtracking
         q = -slope * a * a / (2.0 * (ft - f - slope * a))
         a_bt = jnp.where(jnp.isfinite(q) & jnp.isfinite(ft), jnp.clip(q, 0.1 * a, 0.5 * a), 0.25 * a)
-        exhausted = st["halvings"] >= opt.max_halvings
+        # a failing trial within the objective's noise of f: halving the step cannot
+        # show a decrease any more, so this direction is done (nlminb's relative
+        # function convergence, at a tenth of its tolerance)
+        at_noise = finite_t & (jnp.abs(ft - f) <= opt.noise * jnp.maximum(1.0, jnp.abs(f)))
+        exhausted = (st["halvings"] >= opt.max_halvings) | at_noise
         gave_up = exhausted & (st["nfail"] >= 1)
         p_sd = direction(eye, g, True)
 
