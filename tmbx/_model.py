@@ -241,9 +241,12 @@ class Model:
     PREDICT_MAX_X = 8
 
     def _predicts(self, n_x):
+        # not for small models (`compile_options`): their first fit is mostly
+        # tracing, which the predictor's derivative lengthens by 0.5-1 s (owls_zinb1,
+        # salamanders_zinb2), while their runs take a tenth of a second anyway
         lap = self.laplace
         return (lap is not None and self.agq is None and not lap.quadratic
-                and 0 < n_x <= self.PREDICT_MAX_X)
+                and not self._compiler_options and 0 < n_x <= self.PREDICT_MAX_X)
 
     def _objective_jac(self, x, u0, d):
         if getattr(self, "_objective_jac_jit", None) is None:
