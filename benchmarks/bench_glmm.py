@@ -34,7 +34,8 @@ Every measurement runs in a FRESH subprocess, one at a time:
   ``import tmbx`` time, the first ``tmbx.glmm(...)`` call (formula, design,
   template, XLA compilation and the fit), split into design / template / fit
   phases, then the repeated fit ``fit.refit()`` in the same process (the
-  compiled program: median of a few calls);
+  compiled program: median of a few calls; for a small model, after waiting for
+  its optimized tier, ``tier_wait_seconds`` in the JSON);
 - ``tmbx_warm``: the same with the default cache (``~/.cache/tmbx``), after one
   priming process has filled it for this case;
 - ``glmmTMB`` and ``lme4`` through ``benchmarks/r_glmm_fit.R`` (only the fit call
@@ -316,6 +317,12 @@ def worker_tmbx(case: dict, repeats: int, profile: bool):
                iterations=int(fit._fit.iterations), n_u=int(fit.model.space.n_u),
                n_x=int(fit.model.par.size), layout=_layout(fit.model),
                warnings=sorted({str(x.message)[:200] for x in w}))
+    # a small model's fit is compiled in tiers (tmbx/_tiered.py): the optimized
+    # program may still be compiling in the background; repeated fits time it, and
+    # the wait (the rest of its compile) is recorded beside them
+    wait = getattr(fit.model._fit_core, "wait", None)
+    if wait is not None and repeats:
+        res["tier_wait_seconds"] = wait()
     times, lls = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -207,7 +207,7 @@ def test_bfgs_expansion_never_steps_past_max_step():
 
 def test_tiered_compilation(tmp_path, monkeypatch):
     """`tmbx._tiered.TieredJit`: the first call runs a level-0 program; a slow one
-    starts the optimized compile, which later calls wait for and run (same
+    starts the optimized compile, which later calls run once it is ready (same
     numbers), and a marker lets a new program load the optimized one at once."""
     from tmbx import _tiered
 
@@ -220,8 +220,9 @@ def test_tiered_compilation(tmp_path, monkeypatch):
     assert float(t(*args)) == pytest.approx(expect, rel=1e-13)
     prog = next(iter(t._programs.values()))
     assert prog.thread is not None  # optimizing in the background
-    assert float(t(*args)) == pytest.approx(expect, rel=1e-13)
+    t.wait()
     assert prog.optimized and (tmp_path / prog.key).exists()
+    assert float(t(*args)) == pytest.approx(expect, rel=1e-13)
     t2 = _tiered.TieredJit(fn, {"xla_backend_optimization_level": 0})
     assert float(t2(*args)) == pytest.approx(expect, rel=1e-13)
     assert next(iter(t2._programs.values())).optimized  # loaded optimized for its first call
