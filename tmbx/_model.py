@@ -26,11 +26,11 @@ import numpy as np
 
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
-from ._tiered import TieredJit
 from ._internal import to_device
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
+from ._tiered import TieredJit
 
 
 def _tracing() -> bool:
