@@ -33,7 +33,7 @@ import time
 import jax
 
 #: a first run slower than this (seconds) starts the optimized compile
-SLOW = 0.05
+SLOW = 0.1
 
 
 def _marker_dir():
