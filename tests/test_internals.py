@@ -211,6 +211,7 @@ def test_tiered_compilation(tmp_path, monkeypatch):
     numbers), and a marker lets a new program load the optimized one at once."""
     from tmbx import _tiered
 
+    monkeypatch.setenv("TMBX_TIERED", "1")  # the suite turns it off (conftest.py)
     monkeypatch.setattr(_tiered, "_marker_dir", lambda: str(tmp_path))
     monkeypatch.setattr(_tiered, "SLOW", -1.0)  # every first run counts as slow
     fn = lambda x, d: jnp.sum(jnp.sin(x) * d["w"]) + jnp.cumsum(x)[-1]

@@ -36,6 +36,12 @@ import jax
 SLOW = 0.1
 
 
+def _enabled() -> bool:
+    """``TMBX_TIERED=0`` keeps every small model at level 0 (no background
+    compiles: the test suite sets it, as they would only load its 2 cores)."""
+    return os.environ.get("TMBX_TIERED", "1") not in ("0", "false", "False")
+
+
 def _marker_dir():
     path = jax.config.jax_compilation_cache_dir
     return None if not path else os.path.join(path, "tmbx-optimized")
@@ -106,7 +112,7 @@ class TieredJit:
             return prog.compiled(*args)  # swapped for the optimized program once it is ready
         t = time.perf_counter()
         out = jax.block_until_ready(prog.compiled(*args))
-        if time.perf_counter() - t > SLOW:
+        if time.perf_counter() - t > SLOW and _enabled():
             prog.start_optimizing()
         return out
 
