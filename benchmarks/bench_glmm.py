@@ -71,9 +71,9 @@ on a shared machine, compare tools measured side by side only.
 from __future__ import annotations
 
 import argparse
-import math
 import glob
 import json
+import math
 import os
 import re
 import resource

@@ -56,7 +56,7 @@ class _Program:
     def __init__(self, lowered, fast_options):
         self.lowered = lowered
         self.key = None
-        marks = _marker_dir()
+        marks = _marker_dir() if _enabled() else None
         if marks is not None:
             text = lowered.as_text()
             self.key = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{text}".encode()).hexdigest()
