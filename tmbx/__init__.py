@@ -18,6 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "families")) and _os.path.isfil
 
 from . import _config  # noqa: E402,F401  (float64 and the compilation cache, first)
 from ._datasets import list_datasets, load_dataset
+from ._iterative import IterativeOptions
 from ._laplace import InnerOptions
 from ._model import BatchFit, Fit, LatentGaussian, Model
 from ._optim import BFGSOptions
@@ -29,7 +30,7 @@ from .inference import kr_test, pb_test
 from .batch import glmm_batch, power
 
 __all__ = [
-    "BFGSOptions", "BatchFit", "GlmmFit", "anova", "covstructs", "families", "glmm", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
+    "BFGSOptions", "BatchFit", "IterativeOptions", "GlmmFit", "anova", "covstructs", "families", "glmm", "Fit", "InnerOptions", "LatentGaussian", "Model", "SDReport",
     "list_datasets", "load_dataset", "glmm_batch", "kr_test", "pb_test", "power", "shard_rows", "split_devices",
 ]
 __version__ = "0.1.0"

@@ -49,7 +49,7 @@ def _slots_with_dummy(layout, rows, cols):
 class ColoredHessian:
     """Hessian of ``f(x, u, data)`` in ``u`` by coloured Hessian-vector products."""
 
-    def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None):
+    def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None, solver="exact"):
         self.f = f
         n = u0.shape[0]
         fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
@@ -61,7 +61,7 @@ class ColoredHessian:
         rows = np.concatenate([rows, diag])  # keep the diagonal in the layout
         cols = np.concatenate([cols, diag])
         self.rows, self.cols = rows, cols
-        self.layout = layout or choose_layout(n, rows, cols, force=layout_kind)
+        self.layout = layout or choose_layout(n, rows, cols, force=layout_kind, solver=solver)
         self.seeds = to_device(_seeds(np.asarray(coloring.colors), coloring.num_colors))
         self.slots = to_device(_slots_with_dummy(self.layout, rows[: len(sp.rows)], cols[: len(sp.cols)]))
         self.num_colors = coloring.num_colors
@@ -85,7 +85,7 @@ class LatentGaussianHessian:
     """
 
     def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None,
-                 jacobian=None, latent_diagonal=False):
+                 jacobian=None, latent_diagonal=False, solver="exact"):
         self.eta_fn, self.obs_nll, self.latent_nll = eta_fn, obs_nll, latent_nll
         n = u0.shape[0]
         eta0 = jax.eval_shape(eta_fn, x0, u0, data0)
@@ -136,7 +136,7 @@ class LatentGaussianHessian:
         key = unique_sorted(allr * n + allc)
         rows, cols = key // n, key % n
         self.rows, self.cols = rows, cols
-        self.layout = choose_layout(n, rows, cols, force=layout_kind)
+        self.layout = choose_layout(n, rows, cols, force=layout_kind, solver=solver)
         s = self.layout.slots(pr, pc)
         s = np.where(valid & (s >= 0), s, self.layout.size)
         self.obs_slots = to_device(s.reshape(self.N, R, R), np.int32)

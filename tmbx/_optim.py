@@ -60,7 +60,11 @@ class BFGSOptions(eqx.Module):
     ends that search (the objective's rounding noise: an ill-conditioned Laplace
     objective near a boundary is noisy at about 1e-11 relative);
     ``jac_aux``: with ``polish``, also difference the first ``jac_aux`` entries of
-    a 1-D ``aux`` at the same points (their Jacobian in x, ``aux_jacobian``).
+    a 1-D ``aux`` at the same points (their Jacobian in x, ``aux_jacobian``);
+    ``gain_tol``: a line search that gives up still counts as converged when a
+    quasi-Newton step would gain less than this (``g' H^-1 g / 2``): the
+    linear-cost path's objective is an estimate whose gradient is not exactly its
+    derivative, so near the optimum no step can show a decrease.
     """
 
     max_evals: int = 1000
@@ -73,6 +77,7 @@ class BFGSOptions(eqx.Module):
     jac_aux: int = 0
     max_expand: int = 5
     noise: float = 1e-11
+    gain_tol: float = 0.0
 
 
 def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None,
@@ -210,8 +215,13 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         finish_fail = fail_ls & gave_up
         to_hessian = (finish_ok | finish_fail) & polish
         status = jnp.where(finish_ok, OUTER_OK, st["status"])
-        status = jnp.where(finish_fail, jnp.where(small_grad(f, g * 1e-3), OUTER_OK, OUTER_LINESEARCH), status)
+        # (with curvature from BFGS updates: after a restart Hinv is the identity)
+        small_gain = (0.5 * jnp.dot(g, Hinv @ g) <= opt.gain_tol) & ~st["first"]
+        status = jnp.where(finish_fail, jnp.where(small_grad(f, g * 1e-3) | small_gain, OUTER_OK, OUTER_LINESEARCH),
+                           status)
         status = jnp.where(nw & better & small_grad(ft, gt), OUTER_OK, status)
+        # the polishing Newton step on the finite-difference Hessian predicts the gain
+        status = jnp.where(hs_done & good_step & (0.5 * jnp.dot(g, step) <= opt.gain_tol), OUTER_OK, status)
         status = jnp.where(ini, jnp.where(finite_t, jnp.where(done_ini, OUTER_OK, OUTER_MAXITER),
                                           OUTER_NONFINITE), status)
         to_hessian = to_hessian | (done_ini & finite_t & polish)

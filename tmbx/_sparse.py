@@ -124,6 +124,8 @@ def _logdet_jvp(layout, primals, tangents):
 class _Layout:
     """Plain (non-pytree) static description; fields set by keyword."""
 
+    iterative = None  # `IterativeOptions` on the linear-cost path (arrow layouts only)
+
     def __init__(self, **fields):
         for k, v in fields.items():
             setattr(self, k, v)
@@ -228,14 +230,22 @@ class ArrowLayout(_Layout):
     coupling_keys: np.ndarray  # sorted block * t + tail pos
     coupling_idx: np.ndarray  # c index of each key
     ncoup: np.ndarray  # (m,): real coupling columns of each block (the first ncoup of its c)
+    # on the linear-cost path (`tmbx._iterative`) the tail is stored on its
+    # pattern only (sorted keys row * t + col, both triangles, the diagonal
+    # always) instead of densely
+    tail_keys = None
 
     @property
     def kind(self) -> str:
         return "arrow"
 
     @property
+    def _tail_size(self) -> int:
+        return self.t * self.t if self.tail_keys is None else len(self.tail_keys)
+
+    @property
     def size(self) -> int:
-        return self.m * self.k * self.k + self.m * self.k * self.c + self.t * self.t
+        return self.m * self.k * self.k + self.m * self.k * self.c + self._tail_size
 
     def cost(self) -> float:
         return self.m * (self.k**3 / 3 + self.k**2 * self.c + self.k * self.c**2) + self.t**3 / 3
@@ -259,7 +269,13 @@ class ArrowLayout(_Layout):
             out[ht] = off + (br[ht] * self.k + pr[ht]) * self.c + cidx
         # tail-head entries are the transpose of head-tail ones: stored once
         tt = (br < 0) & (bc < 0)
-        out[tt] = off + self.m * self.k * self.c + pr[tt] * self.t + pc[tt]
+        key = pr[tt] * self.t + pc[tt]
+        if self.tail_keys is not None:
+            at = np.searchsorted(self.tail_keys, key)
+            if np.any(self.tail_keys[np.minimum(at, len(self.tail_keys) - 1)] != key):
+                raise ValueError("pattern entry outside the arrow layout's tail pattern")
+            key = at
+        out[tt] = off + self.m * self.k * self.c + key
         return out
 
     def padding(self) -> np.ndarray:
@@ -282,10 +298,18 @@ class ArrowLayout(_Layout):
         m, k, c, t = self.m, self.k, self.c, self.t
         o1 = m * k * k
         o2 = o1 + m * k * c
+        if self.tail_keys is not None:  # the tail's stored entries, (nnz,)
+            return flat[:o1].reshape(m, k, k), flat[o1:o2].reshape(m, k, c), flat[o2:]
         return (flat[:o1].reshape(m, k, k), flat[o1:o2].reshape(m, k, c), flat[o2:].reshape(t, t))
+
+    def _dense_tail(self, T):
+        if self.tail_keys is None:
+            return T
+        return jnp.zeros(self.t * self.t, T.dtype).at[self.tail_keys].set(T).reshape(self.t, self.t)
 
     def to_dense(self, flat):
         D, B, T = self._split(flat)
+        T = self._dense_tail(T)
         out = jnp.zeros((self.n + 1, self.n + 1))
         h = np.where(self.head < 0, self.n, self.head)
         out = out.at[h[:, :, None], h[:, None, :]].add(D)
@@ -302,6 +326,11 @@ class ArrowLayout(_Layout):
         B = B * self.cmask()[:, None, :]
         Lh = _chol(D)
         W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
+        if self.iterative is not None:
+            from ._iterative import IterativeArrowFactor
+
+            return IterativeArrowFactor.build(self, flat, D, B, T, Lh, W)
+        T = self._dense_tail(T)
         S = T
         if self.t:
             # B' D^-1 B on its upper triangle (the pairs i <= j), mirrored
@@ -347,18 +376,10 @@ class ArrowFactor(eqx.Module):
         return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(), jnp.diagonal(self.Lt)])
 
     def _gather(self, b):
-        lay = self.layout
-        h = np.where(lay.head < 0, lay.n, lay.head)
-        bpad = jnp.concatenate([b, jnp.zeros((1,) + b.shape[1:], b.dtype)])
-        return bpad[h], b[lay.tail]
+        return arrow_gather(self.layout, b)
 
     def _scatter(self, xh, xt):
-        lay = self.layout
-        h = np.where(lay.head < 0, lay.n, lay.head)
-        out = jnp.zeros((lay.n + 1,) + xh.shape[2:], xh.dtype)
-        out = out.at[h].add(xh)  # add, not set: padding repeats the dummy index
-        out = out.at[lay.tail].add(xt)
-        return out[: lay.n]
+        return arrow_scatter(self.layout, xh, xt)
 
     def solve(self, b):
         lay = self.layout
@@ -446,8 +467,27 @@ class ArrowFactor(eqx.Module):
         return self._scatter(dh + jax.ops.segment_sum(terms, pb, lay.m), jnp.diagonal(Sinv))
 
 
-def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -> ArrowLayout:
-    """Arrow layout of a symmetric pattern given the tail (dense) index set."""
+def arrow_gather(lay, b):
+    """``b`` (n, ...) split into head blocks (m, k, ...) and tail (t, ...)."""
+    h = np.where(lay.head < 0, lay.n, lay.head)
+    bpad = jnp.concatenate([b, jnp.zeros((1,) + b.shape[1:], b.dtype)])
+    return bpad[h], b[lay.tail]
+
+
+def arrow_scatter(lay, xh, xt):
+    """The inverse of `arrow_gather`."""
+    h = np.where(lay.head < 0, lay.n, lay.head)
+    out = jnp.zeros((lay.n + 1,) + xh.shape[2:], xh.dtype)
+    out = out.at[h].add(xh)  # add, not set: padding repeats the dummy index
+    out = out.at[lay.tail].add(xt)
+    return out[: lay.n]
+
+
+def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
+                 iterative=None) -> ArrowLayout:
+    """Arrow layout of a symmetric pattern given the tail (dense) index set;
+    with ``iterative`` (`IterativeOptions`), the tail is stored on its pattern
+    and factorized by the linear-cost path."""
     tail = unique_sorted(np.asarray(tail, np.int64))
     is_tail = np.zeros(n, bool)
     is_tail[tail] = True
@@ -504,8 +544,39 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray) -
         pair_b, pair_i, pair_j, pair_dest = pb[order], pi[order], pj[order], dest[order]
     else:
         pair_b = pair_i = pair_j = pair_dest = np.zeros(0, np.int64)
+    extra = {}
+    if iterative is not None:
+        tt = is_tail[rows] & is_tail[cols]
+        diag = np.arange(t, dtype=np.int64)
+        tkeys = unique_sorted(np.concatenate([where_pos[rows[tt]] * t + where_pos[cols[tt]], diag * t + diag]))
+        # the off-diagonal entries of the Schur complement S = T - B' D^-1 B (upper
+        # triangle): the union of the pairs' destinations and the tail pattern's;
+        # their squares give tr(E^2) of the estimator's control variate exactly
+        off = pair_i != pair_j
+        tup = tkeys[(tkeys // max(t, 1)) < (tkeys % max(t, 1))]
+        skeys = unique_sorted(np.concatenate([pair_dest[off], tup]))
+        nseg = len(skeys)
+        pair_seg = np.where(off, np.searchsorted(skeys, pair_dest), nseg)
+        tail_seg = np.full(len(tkeys), nseg, np.int64)
+        tu = (tkeys // max(t, 1)) < (tkeys % max(t, 1))
+        tail_seg[tu] = np.searchsorted(skeys, tkeys[tu])
+        # the real couplings as entries (block, coupling column, tail position),
+        # sorted by block, and the permutation that sorts them by tail position:
+        # the iterations' products with S run over these alone (a block's padded
+        # coupling columns would double the work on unbalanced crossed designs)
+        ent_b = np.repeat(np.arange(m), np.bincount(kb, minlength=m)) if len(keys) else np.zeros(0, np.int64)
+        ent_c = cidx if len(keys) else np.zeros(0, np.int64)
+        ent_t = colsarr[ent_b, ent_c] if len(keys) else np.zeros(0, np.int64)
+        ent_perm = np.argsort(ent_t, kind="stable")
+        extra = dict(iterative=iterative, tail_keys=tkeys, pair_seg=pair_seg.astype(np.int32),
+                     ent_b=ent_b.astype(np.int32), ent_c=ent_c.astype(np.int32), ent_t=ent_t.astype(np.int32),
+                     ent_perm=ent_perm.astype(np.int32), ent_t_sorted=ent_t[ent_perm].astype(np.int32),
+                     tail_seg=tail_seg.astype(np.int32), off_rows=(skeys // max(t, 1)).astype(np.int32),
+                     off_cols=(skeys % max(t, 1)).astype(np.int32),
+                     tail_rows=(tkeys // max(t, 1)).astype(np.int32), tail_cols=(tkeys % max(t, 1)).astype(np.int32),
+                     tail_diag=np.searchsorted(tkeys, diag * t + diag).astype(np.int32))
     return ArrowLayout(
-        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr,
+        n=n, m=m, k=k, t=len(tail), c=c, head=head, tail=tail, cols=colsarr, **extra,
         ncoup=np.bincount(kb, minlength=m).astype(np.int32),
         where_block=where_block, where_pos=where_pos, coupling_keys=keys, coupling_idx=cidx,
         pair_b=pair_b.astype(np.int32), pair_i=pair_i.astype(np.int32), pair_j=pair_j.astype(np.int32),
@@ -726,11 +797,59 @@ def _arrow_candidates(n, rows, cols, max_tail):
 
 
 def choose_layout(n: int, rows: np.ndarray, cols: np.ndarray, *, dense_max: int = 600,
-                  force: str | None = None):
+                  force: str | None = None, solver="exact"):
     """Pick the cheapest layout for a symmetric ``n x n`` pattern (rows, cols).
 
-    ``force`` in {"dense", "arrow", "banded"} overrides the choice.
+    ``force`` in {"dense", "arrow", "banded"} overrides the choice. ``solver``:
+    "exact" (sparse Cholesky), "iterative" (the linear-cost path of
+    `tmbx._iterative` on an arrow layout's tail), "auto" (the iterative path
+    where its predicted cost is lower), or an `IterativeOptions` (iterative,
+    with those settings).
     """
+    from ._iterative import IterativeOptions
+
+    if isinstance(solver, IterativeOptions):
+        opts, solver = solver, "iterative"
+    else:
+        opts = IterativeOptions()
+    if solver not in ("exact", "iterative", "auto"):
+        raise ValueError(f"solver must be 'exact', 'iterative', 'auto' or an IterativeOptions, got {solver!r}")
+    layout = _choose_exact(n, rows, cols, dense_max=dense_max, force=force)
+    if solver == "exact":
+        return layout
+    if solver == "iterative" and not (isinstance(layout, ArrowLayout) and layout.t) and force in (None, "arrow"):
+        layout = _choose_exact(n, rows, cols, dense_max=0, force="arrow")  # small, but asked for
+    elif solver == "iterative" and isinstance(force, tuple) and len(force[1]):
+        layout = arrow_layout(n, rows, cols, np.asarray(force[1], np.int64))
+    if not isinstance(layout, ArrowLayout) or layout.t == 0:
+        if solver == "iterative" and not isinstance(layout, ArrowLayout):
+            raise ValueError(
+                f"solver='iterative' needs random effects whose Hessian splits into one block per "
+                f"level of a grouping factor plus the other factors' levels (crossed or nested "
+                f"designs); this one's layout is {layout.kind!r}. Use solver='exact'.")
+        return layout  # block-diagonal: the exact factorization is already linear
+    if solver == "auto":
+        rows_, cols_ = np.asarray(rows), np.asarray(cols)
+        is_tail = np.zeros(n, bool)
+        is_tail[layout.tail] = True
+        nnz_tail = int(np.sum(is_tail[rows_] & is_tail[cols_])) + layout.t
+        if iterative_cost(layout.m, layout.k, layout.c, layout.t, nnz_tail, opts) >= layout.cost():
+            return layout
+    return arrow_layout(n, rows, cols, layout.tail, iterative=opts)
+
+
+def iterative_cost(m, k, c, t, nnz_tail, options) -> float:
+    """Predicted cost of one factorization on the linear-cost path, in the units of
+    `ArrowLayout.cost` (flops): the head elimination, then ``probes`` x (Lanczos
+    steps + about as many conjugate-gradient steps) products with the tail's Schur
+    complement, each a gather/scatter pass over the coupling (weighted 10x a
+    dense flop: memory-bound)."""
+    per_product = 4 * m * k * c + 2 * nnz_tail + 4 * t
+    head = m * (k**3 / 3 + k**2 * c)
+    return head + 10.0 * options.probes * 2 * options.lanczos_steps * per_product
+
+
+def _choose_exact(n, rows, cols, *, dense_max, force):
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)
     if isinstance(force, tuple) and force[0] == "arrow":

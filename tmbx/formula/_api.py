@@ -19,7 +19,7 @@ from ._template import build_template, resolve_family
 def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, dispformula=None,
          reml: bool = False, weights=None, offset=None, start=None, map=None, *,
          na_action: str = "omit", layout: str | None = None, REML=None, priors=None,
-         nagq: int = 1, method: str = "auto", devices=None) -> GlmmFit:
+         nagq: int = 1, method: str = "auto", devices=None, solver="auto") -> GlmmFit:
     """Fit a generalized linear mixed model with glmmTMB's syntax.
 
     >>> fit = tmbx.glmm("count ~ spp + mined + (1|site)", data=df, family="nbinom2",
@@ -42,7 +42,12 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     many of ``jax.devices()``), the largest number of them that divides the rows
     evenly (`tmbx.shard_rows`): each device holds and evaluates its rows, and
     sums over rows become collective sums. Profiled least squares (Gaussian)
-    reduces the rows to cross-products once and is not split.
+    reduces the rows to cross-products once and is not split. ``solver``: how
+    the random effects' Hessian is factorized: "exact" (sparse Cholesky),
+    "iterative" (linear in the rows on crossed designs: conjugate gradients and
+    stochastic log-determinants with fixed-seed probes; `tmbx.IterativeOptions`
+    sets probes and tolerances), "auto" (iterative only where its predicted
+    cost is lower than the exact factorization's).
     """
     if method not in ("auto", "laplace"):
         raise ValueError(f"method must be 'auto' or 'laplace', got {method!r}")
@@ -57,7 +62,7 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
                           weights=weights, offset=offset, na_action=na_action,
                           family_needs_trials=getattr(fam, "needs_trials", False))
     template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
-                              priors=priors, nagq=nagq)
+                              priors=priors, nagq=nagq, solver=solver)
     if devices is not None:
         _shard_template(template, devices)
     lmm = None
@@ -74,7 +79,7 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
             fit = template.model.fit()
     call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
                 weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
-                priors=priors, nagq=nagq, method=method, data=data)
+                priors=priors, nagq=nagq, method=method, solver=solver, data=data)
     out = GlmmFit(template, fit, formula, call)
     # lme4's "boundary (singular) fit", but naming the term, the direction and what
     # to try; a fit that did not converge is reported with its most likely cause

@@ -135,7 +135,8 @@ class ProfiledLMM:
         diag = np.arange(q)
         pr, pc = np.concatenate([ur[valid], diag]), np.concatenate([us[valid], diag])
         key = unique_sorted(pr * q + pc)
-        self.layout = choose_layout(q, key // q, key % q, force=self._layout_hint(terms, q))
+        self.layout = choose_layout(q, key // q, key % q, force=self._layout_hint(terms, q),
+                                    solver=template.model.solver)
         size = self.layout.size
         slots = np.full(ur.shape, size, np.int64)
         sl = self.layout.slots(ur[valid], us[valid])
@@ -143,7 +144,9 @@ class ProfiledLMM:
         pad = np.concatenate([self.layout.padding(), [0.0]])
         # the layout's large index arrays travel as data, not as constants of the
         # compiled program (constants of ~10^7 entries cost seconds of compilation)
-        self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup")
+        self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup",
+                                          "tail_rows", "tail_cols", "tail_diag", "pair_seg", "tail_seg",
+                                          "off_rows", "off_cols", "ent_b", "ent_c", "ent_t", "ent_perm", "ent_t_sorted")
                               if np.size(getattr(self.layout, a, None)) > 10_000]
 
         self.data = dict(
@@ -183,6 +186,13 @@ class ProfiledLMM:
         self.sd_mask = self._log_sd_mask()
         self.relative = self.sd_mask is not None
         self._intercepts = self._intercept_terms() if self.relative else None
+
+    @property
+    def _gain_tol(self):
+        """See `BFGSOptions.gain_tol`: nonzero on the linear-cost path only."""
+        from .._model import ITERATIVE_GAIN
+
+        return ITERATIVE_GAIN if self.layout.iterative is not None else 0.0
 
     @staticmethod
     def _layout_hint(terms, q):
@@ -410,7 +420,7 @@ class ProfiledLMM:
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + nth + 1 + p * p + self.q)
-        res = bfgs(vg, zeta0, aux0, D, BFGSOptions(polish=True, jac_aux=p), hinv0=hinv0)
+        res = bfgs(vg, zeta0, aux0, D, BFGSOptions(polish=True, jac_aux=p, gain_tol=self._gain_tol), hinv0=hinv0)
         zeta, aux = res["x"], res["aux"]
         beta, g_r2, r2 = aux[:p], aux[p: p + nth], aux[p + nth]
         o = p + nth + 1
@@ -458,7 +468,7 @@ class ProfiledLMM:
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + p * p + self.q)
-        res = bfgs(vg, z0, aux0, D, BFGSOptions(polish=True, jac_aux=p))
+        res = bfgs(vg, z0, aux0, D, BFGSOptions(polish=True, jac_aux=p, gain_tol=self._gain_tol))
         z, aux = res["x"], res["aux"]
         beta, S, u = aux[:p], aux[p: p + p * p].reshape(p, p), aux[p + p * p:]
         conditioning = self._conditioning(jnp.linalg.cholesky(S), D)
@@ -728,7 +738,7 @@ class ProfiledLMM:
     def _refit_chunks(self, zeta0, stats, rows, size, max_evals, bar=None, hinv0=None):
         key = (size, hinv0 is None)
         if key not in self._compiled_many:
-            options = BFGSOptions(polish=False, gtol=1e-7)
+            options = BFGSOptions(polish=False, gtol=1e-7, gain_tol=self._gain_tol)
 
             def one(z0, zty, xty, yty, D, budget, h0):
                 Dy = dict(D, ZtXy=jnp.concatenate([D["ZtXy"][:, :-1], zty[:, None]], axis=1), Xty=xty, yty=yty)

@@ -116,7 +116,7 @@ def _start_beta(fam, comp, y, trials):
     return beta
 
 
-def build_template(design, family, *, reml=False, start=None, map=None, layout=None,
+def build_template(design, family, *, reml=False, start=None, map=None, layout=None, solver="auto",
                    outer=None, priors=None, nagq=1) -> Template:
     has_zi = "zi" in design.components
     fam = resolve_family(family, has_zi)
@@ -233,7 +233,7 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     if groups is not None:
         kw.update(nagq=nagq, groups=groups)
     model = Model(None, params, data=data, random=random, map=map, latent_gaussian=lg,
-                  layout=layout, quadratic=quadratic and groups is None, check=False, **kw)
+                  layout=layout, quadratic=quadratic and groups is None, check=False, solver=solver, **kw)
     return Template(model, fam, design, terms_c + terms_z, params, names, reml, prior_nll, parsed_priors)
 
 
