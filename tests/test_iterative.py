@@ -59,6 +59,30 @@ def test_solve_is_exact_and_logdet_close_on_a_crossed_hessian():
     assert 1e-6 < abs(float(Fi("_logdet")) - exact) < 0.5
 
 
+def test_heavy_levels_are_eliminated_exactly():
+    """The `exact_probes` most coupled tail levels H are eliminated exactly: the
+    iterations run on S' = S_LL - S_LH S_HH^-1 S_HL, and the control variate's
+    tr(E^2) (E = diag(S')^-1/2 S' diag(S')^-1/2 - I) is exact; against dense algebra."""
+    H, tail = crossed_hessian(600, 120, 5000, seed=1)
+    (_, _, _), (li, fi, _) = factors(H, tail, probes=64, exact_probes=32)
+    F = jax.jit(li.factor)(fi)
+    dense = H.toarray()
+    na = dense.shape[0] - len(tail)
+    S = dense[na:, na:] - dense[na:, :na] @ np.linalg.solve(dense[:na, :na], dense[:na, na:])
+    hv = li.heavy
+    L = np.setdiff1d(np.arange(len(tail)), hv)
+    assert len(hv) == 32
+    Sr = S[np.ix_(L, L)] - S[np.ix_(L, hv)] @ np.linalg.solve(S[np.ix_(hv, hv)], S[np.ix_(hv, L)])
+    np.testing.assert_allclose(np.asarray(F.d)[L], np.diag(Sr), rtol=1e-12)
+    E = Sr / np.sqrt(np.outer(np.diag(Sr), np.diag(Sr))) - np.eye(len(L))
+    np.testing.assert_allclose(float(F.trE2), np.sum(E**2), rtol=1e-10)
+    v = np.zeros((len(tail), 2))
+    v[L] = np.random.default_rng(0).normal(size=(len(L), 2))
+    out = np.asarray(jax.jit(lambda f, v: li.factor(f)._Sr(v))(fi, v))
+    np.testing.assert_allclose(out[L], Sr @ v[L], atol=1e-10)
+    assert np.all(out[hv] == 0)
+
+
 def test_logdet_is_unbiased_over_seeds():
     H, tail = crossed_hessian(600, 120, 5000, seed=3)
     exact = np.linalg.slogdet(H.toarray())[1]

@@ -45,12 +45,15 @@ class IterativeOptions(eqx.Module):
 
     ``probes``: Rademacher probes of the log-determinant and its gradient (the
     error falls as 1/sqrt(probes); a tail of at most ``probes`` levels is probed
-    with its unit vectors instead, which makes both exact); ``lanczos_steps``: Lanczos steps per probe;
+    with its unit vectors instead, which makes both exact); ``exact_probes``:
+    beyond those, unit-vector probes of the tail levels with the most couplings
+    (the Rademacher probes then leave those levels out); ``lanczos_steps``: Lanczos steps per probe;
     ``tol``: relative residual at which conjugate gradients stop;
     ``max_iter``: their iteration limit; ``seed``: of the probes.
     """
 
     probes: int = 64
+    exact_probes: int = 32
     lanczos_steps: int = 40
     tol: float = 1e-11
     max_iter: int = 1000
@@ -104,35 +107,41 @@ def pcg(matvec, b, dinv, tol, max_iter):
     return x
 
 
-def probe_matrix(n, probes, seed):
-    """The probes, (n, K) with ``R R' / K`` an unbiased estimate of ``I``:
-    Rademacher vectors, or, where ``n <= probes``, ``sqrt(n)`` times the unit
-    vectors (``K = n``), with which every trace below is exact."""
+def probe_matrix(n, probes, seed, exclude=None):
+    """The probes ``R`` (n, P) and their weights ``w`` (P,), with ``sum_p w_p r_p
+    r_p'`` an unbiased estimate of the identity on the levels not in
+    ``exclude``: where ``n <= probes``, the unit vectors (exact); otherwise
+    ``probes`` Rademacher vectors, zero on ``exclude`` (weight 1/probes)."""
     if n <= probes:
-        return jnp.sqrt(float(n)) * jnp.eye(n)
-    return jax.random.rademacher(jax.random.PRNGKey(seed), (n, probes), dtype=jnp.float64)
+        return jnp.eye(n), jnp.ones(n)
+    Z = jax.random.rademacher(jax.random.PRNGKey(seed), (n, probes), dtype=jnp.float64)
+    if exclude is not None and len(exclude):
+        Z = Z.at[exclude].set(0.0)
+    return Z, jnp.full(probes, 1.0 / probes)
 
 
-def slq_logdet(matvec, n, R, steps, trE2=None):
+def slq_logdet(matvec, R, w, steps, trE2=None):
     """Stochastic Lanczos quadrature: ``log det M`` for a symmetric positive
-    definite ``M`` (n x n) **with unit diagonal**, given by ``matvec`` on (n, r)
-    blocks: ``n`` times the mean over the probes ``R`` (`probe_matrix`) of the
-    Gauss quadrature of ``e1' log(T_k) e1`` on each probe's Lanczos tridiagonal
-    ``T_k``, less control variates of known mean."""
+    definite ``M`` **with unit diagonal**, given by ``matvec`` on (n, r) blocks,
+    from the weighted probes ``(R, w)`` of `probe_matrix`: ``sum_p w_p r_p' log(M)
+    r_p``, each term ``|r_p|^2`` times the Gauss quadrature of ``e1' log(T_p) e1``
+    on the probe's Lanczos tridiagonal ``T_p``, less control variates of known
+    mean."""
     probes = R.shape[1]
-    q = R / jnp.sqrt(n)
+    rr = jnp.sum(R * R, axis=0)  # |r_p|^2
+    q = R / jnp.sqrt(rr)
     eps = 1e-12
 
     def step(carry, _):
         q, q_prev, beta = carry
-        w = matvec(q) - beta * q_prev
-        alpha = jnp.sum(q * w, axis=0)
-        w = w - alpha * q
-        beta_new = jnp.sqrt(jnp.sum(w * w, axis=0))
+        v = matvec(q) - beta * q_prev
+        alpha = jnp.sum(q * v, axis=0)
+        v = v - alpha * q
+        beta_new = jnp.sqrt(jnp.sum(v * v, axis=0))
         # breakdown (an invariant subspace found, e.g. M = I): the rest of the
         # tridiagonal decouples with zero weight on e1
         live = beta_new > eps * jnp.maximum(jnp.abs(alpha), 1.0)
-        q_next = jnp.where(live, w / jnp.where(live, beta_new, 1.0), 0.0)
+        q_next = jnp.where(live, v / jnp.where(live, beta_new, 1.0), 0.0)
         beta_new = jnp.where(live, beta_new, 0.0)
         return (q_next, q, beta_new), (alpha, beta_new)
 
@@ -141,20 +150,21 @@ def slq_logdet(matvec, n, R, steps, trE2=None):
     # tridiagonal per probe: (probes, steps, steps)
     Tm = jax.vmap(lambda a, b: jnp.diag(a) + jnp.diag(b[:-1], 1) + jnp.diag(b[:-1], -1))(alphas.T, betas.T)
     theta, vecs = jnp.linalg.eigh(Tm)
-    w = vecs[:, 0, :] ** 2
+    tau = vecs[:, 0, :] ** 2
     logs = jnp.log(jnp.maximum(theta, 1e-300))
-    quad = jnp.sum(jnp.where(w > 0, w * logs, 0.0), axis=1)  # r' log(M) r / n
-    # a control variate with known mean: M has unit diagonal, so r'(M - I) r has
-    # mean tr(M - I) = 0, and subtracting it (the first Lanczos coefficient
-    # alpha_1 = r'M r / n, free) removes the first-order part of the estimator's
-    # noise, log M - (M - I) = -(M - I)^2 / 2 + ...
+    quad = jnp.sum(jnp.where(tau > 0, tau * logs, 0.0), axis=1)  # q' log(M) q
+    # control variates with known means. M has unit diagonal, so with E = M - I,
+    # r'E r has mean tr(E) = 0: subtracting it (alpha_1 = q'M q, free) removes the
+    # first-order part of the noise, log M - E = -E^2 / 2 + ...; and r'E^2 r =
+    # |E r|^2 has mean tr(E^2), exact when known, for the second-order part.
+    # (Both vanish exactly on unit-vector probes.)
     est = quad - (alphas[0] - 1.0)
+    total = 0.0
     if trE2 is not None:
-        # and the second-order part, when tr(E^2) = ||M - I||_F^2 is known:
-        # r'E^2 r = |M r - r|^2 has mean tr(E^2)
         Eq = matvec(q) - q
-        est = est + 0.5 * (jnp.sum(Eq * Eq, axis=0) - trE2 / n)
-    return n * jnp.mean(est)
+        est = est + 0.5 * jnp.sum(Eq * Eq, axis=0)
+        total = -0.5 * trE2
+    return jnp.sum(w * rr * est) + total
 
 
 class IterativeArrowFactor(eqx.Module):
@@ -171,7 +181,12 @@ class IterativeArrowFactor(eqx.Module):
     We: jax.Array  # W at the real coupling entries, (E, k)
     Tv: jax.Array  # the tail's stored entries
     dS: jax.Array  # diag(S), exact
-    trE2: jax.Array  # tr(E^2), E = diag(S)^-1/2 S diag(S)^-1/2 - I, exact
+    # the heavy levels H (`layout.heavy`) eliminated exactly: S' = S_LL - S_LH S_HH^-1 S_HL
+    # on the other levels L, with S_HH = LH LH' and G = S_LH LH^-T (rows of H zero)
+    LH: jax.Array
+    G: jax.Array
+    d: jax.Array  # diag(S') on L (1 on H), exact: the Jacobi preconditioner
+    trE2: jax.Array  # tr(E^2), E = d^-1/2 S' d^-1/2 - I on L, exact
 
     @classmethod
     def build(cls, layout, flat, D, B, Tv, Lh, W):
@@ -187,59 +202,113 @@ class IterativeArrowFactor(eqx.Module):
         contrib = jnp.sum(W[lay.pair_b, :, lay.pair_i] * W[lay.pair_b, :, lay.pair_j], axis=-1)
         Soff = (jnp.zeros(nseg + 1, flat.dtype).at[lay.tail_seg].add(Tv)
                 - jax.ops.segment_sum(contrib, lay.pair_seg, nseg + 1))[:nseg]
-        d = jnp.where(dS > 0, dS, 1.0)
-        trE2 = 2.0 * jnp.sum(Soff**2 / (d[lay.off_rows] * d[lay.off_cols]))
-        return cls(layout=layout, flat=flat, Lh=Lh, W=W, We=We, Tv=Tv, dS=dS, trE2=trE2)
+        S = lambda v: _tail_matvec(lay, Tv, We, v)
+        heavy, h = lay.heavy, len(lay.heavy)
+        light = np.ones(lay.t)
+        light[heavy] = 0.0
+        if h:
+            # S's columns at H by one product with their unit vectors (t x h)
+            C = S(jnp.zeros((lay.t, h), flat.dtype).at[heavy, np.arange(h)].set(1.0))
+            LH = jnp.linalg.cholesky(0.5 * (C[heavy] + C[heavy].T))
+            G = jax.scipy.linalg.solve_triangular(LH, C.T, lower=True).T * light[:, None]
+        else:
+            LH, G = jnp.zeros((0, 0), flat.dtype), jnp.zeros((lay.t, 0), flat.dtype)
+        d = jnp.where(light > 0, dS - jnp.sum(G * G, axis=1), 1.0)
+        dd = jnp.where(d > 0, d, 1.0)
+        # tr(E^2) = sum over j != l in L of S'_jl^2 / (d_j d_l), S' = S - G G'
+        both = light[lay.off_rows] * light[lay.off_cols]
+        trE2 = 2.0 * jnp.sum(both * Soff**2 / (dd[lay.off_rows] * dd[lay.off_cols]))
+        if h:
+            Gt, Gd = G / jnp.sqrt(dd)[:, None], G / dd[:, None]
+            cross = jnp.sum(Gd * (light[:, None] * S(Gd))) - jnp.sum(dS * jnp.sum(Gd * Gd, axis=1))
+            gram = jnp.sum((Gt.T @ Gt) ** 2) - jnp.sum(jnp.sum(Gt * Gt, axis=1) ** 2)
+            trE2 = trE2 - 2.0 * cross + gram
+        return cls(layout=layout, flat=flat, Lh=Lh, W=W, We=We, Tv=Tv, dS=dS, LH=LH, G=G, d=d, trE2=trE2)
 
     @property
     def options(self) -> IterativeOptions:
         return self.layout.iterative
 
+    def _light(self):
+        light = np.ones(self.layout.t)
+        light[self.layout.heavy] = 0.0
+        return light
+
     def _S(self, v):
         return _tail_matvec(self.layout, self.Tv, self.We, v)
 
-    def _dinv(self):
-        return 1.0 / jnp.where(self.dS > 0, self.dS, 1.0)
+    def _Sr(self, v):
+        """``S' v`` for ``v`` (t, r) zero on H (and zero there in the result)."""
+        y = self._S(v)
+        if not len(self.layout.heavy):
+            return y
+        z = jax.scipy.linalg.solve_triangular(self.LH, y[self.layout.heavy], lower=True)
+        return self._light()[:, None] * (y - self.G @ z)
 
     def tail_solve(self, b):
-        """``S^-1 b`` by conjugate gradients, ``b`` of shape (t, r)."""
-        o = self.options
-        dinv = self._dinv()
+        """``S^-1 b``, ``b`` of shape (t, r): the heavy levels by their Schur
+        complement, the rest by conjugate gradients on ``S'``."""
+        o, heavy = self.options, self.layout.heavy
+        light = self._light()
+        dinv = light / jnp.where(self.d > 0, self.d, 1.0)
+        tri = jax.scipy.linalg.solve_triangular
+
+        def solve(_, b):
+            if not len(heavy):
+                return pcg(self._S, b, dinv, o.tol, o.max_iter)
+            z = tri(self.LH, b[heavy], lower=True)
+            xl = pcg(self._Sr, light[:, None] * (b - self.G @ z), dinv, o.tol, o.max_iter)
+            xh = tri(self.LH, z - self.G.T @ xl, lower=True, trans=1)
+            return xl.at[heavy].set(xh)
+
         # custom_linear_solve: linear in b and transposable (S is symmetric), so the
         # solves inside derivative rules can be transposed for reverse mode, which
         # a while loop cannot
-        return jax.lax.custom_linear_solve(
-            self._S, b, lambda mv, rhs: pcg(mv, rhs, dinv, o.tol, o.max_iter), symmetric=True)
+        return jax.lax.custom_linear_solve(self._S, b, solve, symmetric=True)
 
     # -- what the Laplace machinery asks of a factor -------------------------
     def ok(self):
-        return jnp.all(jnp.isfinite(self.pivots())) & jnp.all(self.dS > 0)
+        return jnp.all(jnp.isfinite(self.pivots())) & jnp.all(self.d > 0)
 
     def pivots(self):
-        return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(),
-                                jnp.sqrt(jnp.maximum(self.dS, 0.0))])
+        return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(), jnp.diagonal(self.LH),
+                                jnp.sqrt(jnp.maximum(self.d, 0.0))])
 
     def _logdet(self):
         o, t = self.options, self.layout.t
         head = 2.0 * _logdiag(self.Lh)
         if not t:
             return head
-        dS = jnp.where(self.dS > 0, self.dS, 1.0)
-        s = 1.0 / jnp.sqrt(dS)
-        M = lambda v: s[:, None] * self._S(s[:, None] * v)
-        R = probe_matrix(t, o.probes, o.seed)
-        return head + jnp.sum(jnp.log(dS)) + slq_logdet(M, t, R, min(o.lanczos_steps, t + 1), self.trE2)
+        d = jnp.where(self.d > 0, self.d, 1.0)
+        s = self._light() / jnp.sqrt(d)
+        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
+        R, w = probe_matrix(t, o.probes, o.seed, self.layout.heavy)
+        heavy = 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.LH)))
+        return (head + heavy + jnp.sum(self._light() * jnp.log(d))
+                + slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2))
 
     def logdet(self):
         return logdet(self.layout, self.flat)
 
     def _probes(self):
-        """``(V, Wt)``: ``V = diag(S)^-1/2 R`` and ``Wt = S^-1 diag(S)^1/2 R`` for the
-        Rademacher probes ``R`` (t, K), so that ``S^-1 ~ Wt V' / K``."""
-        o, t = self.options, self.layout.t
-        R = probe_matrix(t, o.probes, o.seed)
-        dS = jnp.where(self.dS > 0, self.dS, 1.0)
-        return R / jnp.sqrt(dS)[:, None], self.tail_solve(R * jnp.sqrt(dS)[:, None])
+        """``(V, Wt)`` (t, P) with ``S^-1 ~ Wt V'``: on L, ``V = d^-1/2 R`` and ``Wt =
+        S'^-1 d^1/2 R w`` for the weighted probes ``(R, w)`` (`probe_matrix`), so
+        that ``S'^-1 ~ Wt V'``; then ``S^-1``'s blocks, ``[[S'^-1, -S'^-1 Y'], [-Y
+        S'^-1, S_HH^-1 + Y S'^-1 Y']]`` with ``Y = S_HH^-1 S_HL``, by extending both to
+        H (rows ``-Y Wt``, ``-Y V``) and appending ``S_HH^-1`` exactly as ``h``
+        columns ``X X'``, ``X = LH^-T`` on the rows of H."""
+        o, t, heavy = self.options, self.layout.t, self.layout.heavy
+        R, w = probe_matrix(t, o.probes, o.seed, heavy)
+        d = jnp.where(self.d > 0, self.d, 1.0)
+        V = R / jnp.sqrt(d)[:, None]
+        Wt = self.tail_solve(R * jnp.sqrt(d)[:, None]) * w
+        if not len(heavy):
+            return V, Wt
+        # tail_solve already solved the full S: its H rows are -Y (S'^-1 d^1/2 R)
+        tri = jax.scipy.linalg.solve_triangular
+        V = V.at[heavy].set(-tri(self.LH, self.G.T @ V, lower=True, trans=1))
+        X = jnp.zeros((t, len(heavy))).at[heavy].set(tri(self.LH, jnp.eye(len(heavy)), lower=True, trans=1))
+        return jnp.concatenate([V, X], axis=1), jnp.concatenate([Wt, X], axis=1)
 
     def solve(self, b):
         lay = self.layout
@@ -262,7 +331,7 @@ class IterativeArrowFactor(eqx.Module):
 
     def _pieces(self):
         """``D^-1`` head blocks, ``Vh = D^-1 B`` (m, k, c), and the probe products
-        ``A = Vh Wt[cols]``, ``C = Vh V[cols]`` (m, k, K) with ``V, Wt``."""
+        ``A = Vh Wt[cols]``, ``C = Vh V[cols]`` (m, k, P) with ``V, Wt`` (`_probes`)."""
         Lhinv = _tri_inv(self.Lh)
         Dinv = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)
         if not self.layout.t:
@@ -278,18 +347,17 @@ class IterativeArrowFactor(eqx.Module):
         """d logdet / d flat, estimated: ``H^-1`` on the head blocks ``D^-1 + Vh S^-1
         Vh'``, on the coupling ``-Vh S^-1`` (twice: stored once for both
         triangles) and on the tail's stored entries, with ``S^-1`` replaced by
-        the symmetrized probe estimate ``(Wt V' + V Wt') / 2K``."""
+        the symmetrized probe estimate ``(Wt V' + V Wt') / 2``."""
         lay = self.layout
         Dinv, Vh, V, Wt, A, C = self._pieces()
         if not lay.t:
             return Dinv.reshape(-1)
-        K = V.shape[1]
-        head = Dinv + (jnp.einsum("mir,mjr->mij", A, C) + jnp.einsum("mir,mjr->mij", C, A)) / (2 * K)
+        head = Dinv + (jnp.einsum("mir,mjr->mij", A, C) + jnp.einsum("mir,mjr->mij", C, A)) / 2
         cols = lay.cols
-        coup = -(jnp.einsum("mkr,mcr->mkc", A, V[cols]) + jnp.einsum("mkr,mcr->mkc", C, Wt[cols])) / (2 * K)
+        coup = -(jnp.einsum("mkr,mcr->mkc", A, V[cols]) + jnp.einsum("mkr,mcr->mkc", C, Wt[cols])) / 2
         coup = 2.0 * coup * lay.cmask()[:, None, :]
         tr, tc = lay.tail_rows, lay.tail_cols
-        tail = jnp.sum(Wt[tr] * V[tc] + V[tr] * Wt[tc], axis=1) / (2 * K)
+        tail = jnp.sum(Wt[tr] * V[tc] + V[tr] * Wt[tc], axis=1) / 2
         return jnp.concatenate([head.reshape(-1), coup.reshape(-1), tail])
 
     def diag_inverse(self):
@@ -297,9 +365,8 @@ class IterativeArrowFactor(eqx.Module):
         dh = jnp.diagonal(Dinv, axis1=1, axis2=2)
         if not self.layout.t:
             return arrow_scatter(self.layout, dh, jnp.zeros((0,)))
-        K = V.shape[1]
-        dh = dh + jnp.sum(A * C, axis=2) / K
-        return arrow_scatter(self.layout, dh, jnp.sum(Wt * V, axis=1) / K)
+        dh = dh + jnp.sum(A * C, axis=2)
+        return arrow_scatter(self.layout, dh, jnp.sum(Wt * V, axis=1))
 
     def inverse_entries(self, rows, cols):
         lay = self.layout
@@ -313,8 +380,7 @@ class IterativeArrowFactor(eqx.Module):
         out_h = Dinv[hb, pr, pc]
         if not lay.t:
             return out_h
-        K = V.shape[1]
-        out_h = out_h + jnp.sum(A[hb, pr] * C[hb, pc] + C[hb, pr] * A[hb, pc], axis=1) / (2 * K)
+        out_h = out_h + jnp.sum(A[hb, pr] * C[hb, pc] + C[hb, pr] * A[hb, pc], axis=1) / 2
         tr, tc = np.where(br < 0, pr, 0), np.where(br < 0, pc, 0)
-        out_t = jnp.sum(Wt[tr] * V[tc] + V[tr] * Wt[tc], axis=1) / (2 * K)
+        out_t = jnp.sum(Wt[tr] * V[tc] + V[tr] * Wt[tc], axis=1) / 2
         return jnp.where(jnp.asarray(br >= 0), out_h, out_t)

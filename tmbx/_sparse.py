@@ -568,7 +568,14 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
         ent_c = cidx if len(keys) else np.zeros(0, np.int64)
         ent_t = colsarr[ent_b, ent_c] if len(keys) else np.zeros(0, np.int64)
         ent_perm = np.argsort(ent_t, kind="stable")
+        # the tail levels probed exactly (unit vectors): those with the most
+        # off-diagonal entries in S (e.g. a small factor coupled to all levels of
+        # the others), whose rows carry most of the stochastic estimates' variance
+        deg = np.bincount(skeys // max(t, 1), minlength=t) + np.bincount(skeys % max(t, 1), minlength=t)
+        nh = min(iterative.exact_probes, t) if t > iterative.probes else 0
+        heavy = np.sort(np.argsort(-deg, kind="stable")[:nh])
         extra = dict(iterative=iterative, tail_keys=tkeys, pair_seg=pair_seg.astype(np.int32),
+                     heavy=heavy.astype(np.int32),
                      ent_b=ent_b.astype(np.int32), ent_c=ent_c.astype(np.int32), ent_t=ent_t.astype(np.int32),
                      ent_perm=ent_perm.astype(np.int32), ent_t_sorted=ent_t[ent_perm].astype(np.int32),
                      tail_seg=tail_seg.astype(np.int32), off_rows=(skeys // max(t, 1)).astype(np.int32),
