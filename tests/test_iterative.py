@@ -188,3 +188,39 @@ def test_bad_solver_arguments_are_explained():
     rows, cols = np.r_[i, i[:-1], i[1:]], np.r_[i, i[1:], i[:-1]]
     with pytest.raises(ValueError, match="solver='iterative' needs"):
         choose_layout(n, rows, cols, force="banded", solver="iterative")
+
+
+def test_monte_carlo_error_is_reported_and_warned_about():
+    # 100 rows per level of a: strongly coupled levels of b
+    df = crossed_bernoulli(na=40, nb=100, N=4000)
+    f = "y ~ x + (1|a) + (1|b)"
+    # 4 probes: a poor estimate, which the fit says
+    with pytest.warns(RuntimeWarning, match="Monte Carlo standard error"):
+        few = tmbx.glmm(f, df, family="binomial", solver=tmbx.IterativeOptions(probes=4, exact_probes=4))
+    assert few.loglik_mc_se > 0.01
+    ex = tmbx.glmm(f, df, family="binomial", solver="exact")
+    assert ex.loglik_mc_se == 0.0
+    # the error it reports is the size of the error it makes
+    assert abs(few.loglik - ex.loglik) < 5 * few.loglik_mc_se
+
+
+def test_iterative_profiled_lmm_agrees_with_the_exact_fit():
+    # Gaussian: the profiled least-squares path, whose layout arrays (over 10,000
+    # entries here) travel as data of the compiled program
+    rng = np.random.default_rng(11)
+    na, nb, N = 3000, 100, 12000
+    a, b = rng.integers(0, na, N), rng.integers(0, nb, N)
+    x = rng.normal(size=N)
+    y = 1.0 + 0.5 * x + 0.7 * rng.normal(size=na)[a] + 0.4 * rng.normal(size=nb)[b] + rng.normal(size=N)
+    df = pd.DataFrame(dict(y=y, x=x, a=pd.Categorical(a), b=pd.Categorical(b)))
+    f = "y ~ x + (1|a) + (1|b)"
+    ex = tmbx.glmm(f, df, solver="exact")
+    it = tmbx.glmm(f, df, solver="iterative")
+    assert it._fit._lmm.layout.iterative is not None and it._fit._lmm._traced_attrs
+    assert it.converged, it.message
+    assert abs(it.loglik - ex.loglik) < 0.01
+    se = np.sqrt(np.diag(ex.vcov()["cond"].values))
+    assert np.all(np.abs(it.fixef["cond"].values - ex.fixef["cond"].values) < 0.05 * se)
+    for g in ("a", "b"):
+        assert abs(it.varcorr[g].sd.iloc[0] / ex.varcorr[g].sd.iloc[0] - 1) < 0.02
+    assert abs(it.sigma / ex.sigma - 1) < 0.01

@@ -120,13 +120,14 @@ def probe_matrix(n, probes, seed, exclude=None):
     return Z, jnp.full(probes, 1.0 / probes)
 
 
-def slq_logdet(matvec, R, w, steps, trE2=None):
+def slq_logdet(matvec, R, w, steps, trE2=None, per_probe=False):
     """Stochastic Lanczos quadrature: ``log det M`` for a symmetric positive
     definite ``M`` **with unit diagonal**, given by ``matvec`` on (n, r) blocks,
     from the weighted probes ``(R, w)`` of `probe_matrix`: ``sum_p w_p r_p' log(M)
     r_p``, each term ``|r_p|^2`` times the Gauss quadrature of ``e1' log(T_p) e1``
     on the probe's Lanczos tridiagonal ``T_p``, less control variates of known
-    mean."""
+    mean. ``per_probe``: also each probe's term ``|r_p|^2 (...)`` (their spread
+    is the estimate's Monte Carlo error)."""
     probes = R.shape[1]
     rr = jnp.sum(R * R, axis=0)  # |r_p|^2
     q = R / jnp.sqrt(rr)
@@ -164,6 +165,8 @@ def slq_logdet(matvec, R, w, steps, trE2=None):
         Eq = matvec(q) - q
         est = est + 0.5 * jnp.sum(Eq * Eq, axis=0)
         total = -0.5 * trE2
+    if per_probe:
+        return jnp.sum(w * rr * est) + total, rr * est
     return jnp.sum(w * rr * est) + total
 
 
@@ -216,7 +219,8 @@ class IterativeArrowFactor(eqx.Module):
         d = jnp.where(light > 0, dS - jnp.sum(G * G, axis=1), 1.0)
         dd = jnp.where(d > 0, d, 1.0)
         # tr(E^2) = sum over j != l in L of S'_jl^2 / (d_j d_l), S' = S - G G'
-        both = light[lay.off_rows] * light[lay.off_cols]
+        lt = jnp.asarray(light)  # indexed by the layout's arrays, which may be traced
+        both = lt[lay.off_rows] * lt[lay.off_cols]
         trE2 = 2.0 * jnp.sum(both * Soff**2 / (dd[lay.off_rows] * dd[lay.off_cols]))
         if h:
             Gt, Gd = G / jnp.sqrt(dd)[:, None], G / dd[:, None]
@@ -289,6 +293,19 @@ class IterativeArrowFactor(eqx.Module):
 
     def logdet(self):
         return logdet(self.layout, self.flat)
+
+    def logdet_mc_se(self):
+        """The Monte Carlo standard error of `_logdet`: the spread of its probes'
+        terms over sqrt(probes) (zero where the probes are unit vectors: exact)."""
+        o, t = self.options, self.layout.t
+        if t <= o.probes:
+            return jnp.zeros(())
+        d = jnp.where(self.d > 0, self.d, 1.0)
+        s = self._light() / jnp.sqrt(d)
+        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
+        R, w = probe_matrix(t, o.probes, o.seed, self.layout.heavy)
+        _, terms = slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=True)
+        return jnp.std(terms, ddof=1) / jnp.sqrt(o.probes)
 
     def _probes(self):
         """``(V, Wt)`` (t, P) with ``S^-1 ~ Wt V'``: on L, ``V = d^-1/2 R`` and ``Wt =

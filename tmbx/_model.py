@@ -69,6 +69,8 @@ class LatentGaussian:
 # log-likelihood units: the linear-cost path's fit stops once a quasi-Newton step
 # would gain less (0.014 standard errors from the optimum)
 ITERATIVE_GAIN = 1e-4
+# a fit on the linear-cost path warns when its log-likelihood's Monte Carlo error exceeds this
+ITERATIVE_SE_WARN = 0.01
 
 
 def _as_data(data):
@@ -454,9 +456,36 @@ class Fit:
             )
         return OUTER_MESSAGES[0]
 
+    @property
+    def loglik_mc_se(self) -> float:
+        """The Monte Carlo standard error of `loglik` on the linear-cost path
+        (``solver="iterative"``: a stochastic estimate of ``log det H``), 0 for
+        the exact path."""
+        lmm = getattr(self, "_lmm", None)
+        layout = lmm.layout if lmm is not None else (self.model.laplace.layout if self.model.laplace else None)
+        if layout is None or layout.iterative is None:
+            return 0.0
+        if lmm is not None:
+            z = lmm._z_of_x(self.x)
+            nth = z.shape[0] - 1
+            D = lmm.data
+            se = jax.jit(lambda z, D: lmm._layout(D).factor(lmm._H(lmm._T(z[:nth]), z[nth], D)).logdet_mc_se())(z, D)
+        else:
+            lap = self.model.laplace
+            se = jax.jit(lambda x, u, d: layout.factor(lap.flat(x, u, d)).logdet_mc_se())(
+                to_device(self.x), to_device(self.u), self.data)
+        return 0.5 * float(se)
+
     def _warn(self):
         if not self.converged:
             warnings.warn(f"Model did not converge: {self.message}", RuntimeWarning, stacklevel=3)
+        se = self.loglik_mc_se
+        if se > ITERATIVE_SE_WARN:
+            warnings.warn(
+                f"The linear-cost path's log-likelihood carries a Monte Carlo standard error of {se:.3g} "
+                f"(probe estimates of log det H, on random effects this strongly coupled); its error "
+                f"falls as 1/sqrt(probes): raise tmbx.IterativeOptions(probes=...), or use solver='exact' "
+                f"where the exact factorization fits in time and memory.", RuntimeWarning, stacklevel=3)
 
     def sdreport(self, joint_precision: bool = False, bias_correct: bool = False) -> "SDReport":
         """TMB's ``sdreport``; ``bias_correct``: epsilon-method bias correction of the random

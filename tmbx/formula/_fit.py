@@ -92,6 +92,12 @@ class GlmmFit:
     def message(self) -> str:
         return self._fit.message
 
+    @property
+    def loglik_mc_se(self) -> float:
+        """Monte Carlo standard error of `loglik` on the linear-cost path
+        (``solver="iterative"``); 0 for the exact path."""
+        return self._fit.loglik_mc_se
+
     def _par(self) -> dict:
         p = self.model.space.unflatten(np.asarray(self._fit.x, float), np.asarray(self._fit.u, float))
         return {k: np.asarray(v) for k, v in p.items()}
