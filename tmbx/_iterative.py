@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._sparse import _logdiag, _tri_inv, _tri_solve, arrow_gather, arrow_scatter, logdet
+from ._sparse import _logdiag, _tri_inv, arrow_scatter, arrow_solve, logdet
 
 
 class IterativeOptions(eqx.Module):
@@ -328,23 +328,7 @@ class IterativeArrowFactor(eqx.Module):
         return jnp.concatenate([V, X], axis=1), jnp.concatenate([Wt, X], axis=1)
 
     def solve(self, b):
-        lay = self.layout
-        bh, bt = arrow_gather(lay, jnp.asarray(b))
-        vec = bh.ndim == 2
-        if vec:
-            bh, bt = bh[..., None], bt[..., None]
-        yh = jax.vmap(_tri_solve)(self.Lh, bh)  # (m, k, r)
-        if lay.t:
-            upd = jnp.einsum("mkc,mkr->mcr", self.W, yh)
-            rt = bt.at[lay.cols].add(-upd)
-            xt = self.tail_solve(rt)
-            yh = yh - jnp.einsum("mkc,mcr->mkr", self.W, xt[lay.cols])
-        else:
-            xt = bt
-        xh = jax.vmap(lambda L, y: _tri_solve(L, y, trans=True))(self.Lh, yh)
-        if vec:
-            xh, xt = xh[..., 0], xt[..., 0]
-        return arrow_scatter(lay, xh, xt)
+        return arrow_solve(self.layout, self.Lh, self.W, b, self.tail_solve)
 
     def _pieces(self):
         """``D^-1`` head blocks, ``Vh = D^-1 B`` (m, k, c), and the probe products

@@ -382,24 +382,10 @@ class ArrowFactor(eqx.Module):
         return arrow_scatter(self.layout, xh, xt)
 
     def solve(self, b):
-        lay = self.layout
-        bh, bt = self._gather(jnp.asarray(b))
-        vec = bh.ndim == 2
-        if vec:
-            bh, bt = bh[..., None], bt[..., None]
-        yh = jax.vmap(_tri_solve)(self.Lh, bh)  # (m, k, r)
-        if lay.t:
-            upd = jnp.einsum("mkc,mkr->mcr", self.W, yh)
-            rt = bt.at[lay.cols].add(-upd)
-            yt = _tri_solve(self.Lt, rt)
-            xt = _tri_solve(self.Lt, yt, trans=True)
-            yh = yh - jnp.einsum("mkc,mcr->mkr", self.W, xt[lay.cols])
-        else:
-            xt = bt
-        xh = jax.vmap(lambda L, y: _tri_solve(L, y, trans=True))(self.Lh, yh)
-        if vec:
-            xh, xt = xh[..., 0], xt[..., 0]
-        return self._scatter(xh, xt)
+        def tail(rt):
+            return _tri_solve(self.Lt, _tri_solve(self.Lt, rt), trans=True)
+
+        return arrow_solve(self.layout, self.Lh, self.W, b, tail)
 
     def _selected_inverse(self):
         """Sigma = H^-1 on the arrow's storage: head blocks ``(m, k, k)``, head-tail
@@ -481,6 +467,27 @@ def arrow_scatter(lay, xh, xt):
     out = out.at[h].add(xh)  # add, not set: padding repeats the dummy index
     out = out.at[lay.tail].add(xt)
     return out[: lay.n]
+
+
+def arrow_solve(lay, Lh, W, b, tail_solve):
+    """``H^-1 b`` (``b`` of shape (n,) or (n, r)) by block elimination of the head
+    (Cholesky factors ``Lh``, ``W = Lh^-1 B``), with ``tail_solve`` applying the
+    tail's Schur complement's inverse to (t, r) blocks."""
+    bh, bt = arrow_gather(lay, jnp.asarray(b))
+    vec = bh.ndim == 2
+    if vec:
+        bh, bt = bh[..., None], bt[..., None]
+    yh = jax.vmap(_tri_solve)(Lh, bh)  # (m, k, r)
+    if lay.t:
+        upd = jnp.einsum("mkc,mkr->mcr", W, yh)
+        xt = tail_solve(bt.at[lay.cols].add(-upd))
+        yh = yh - jnp.einsum("mkc,mcr->mkr", W, xt[lay.cols])
+    else:
+        xt = bt
+    xh = jax.vmap(lambda L, y: _tri_solve(L, y, trans=True))(Lh, yh)
+    if vec:
+        xh, xt = xh[..., 0], xt[..., 0]
+    return arrow_scatter(lay, xh, xt)
 
 
 def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
