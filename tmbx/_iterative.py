@@ -11,19 +11,30 @@ rows) and replaces everything on the tail by iterations whose cost is a
 number of products with ``S``, each linear in the rows (``S`` is applied
 through the head blocks, never formed):
 
-- solves with ``S``: preconditioned conjugate gradients, with ``diag(S)``
-  (computed exactly from the head blocks) as preconditioner;
-- ``log det S``: stochastic Lanczos quadrature (Ubaru, Chen and Saad 2017)
-  on ``M = diag(S)^-1/2 S diag(S)^-1/2``, whose diagonal is exactly one, with
-  Rademacher probes; ``log det diag(S)`` is exact;
+- the ``exact_probes`` tail levels H with the most couplings (a small factor
+  crossed with everything) are eliminated exactly first: ``S_HH`` (h x h) is
+  factored densely and the iterations run on ``S' = S_LL - S_LH S_HH^-1 S_HL``
+  on the other levels L, applied as ``S`` plus a rank-h correction;
+- solves with ``S'``: conjugate gradients on several right-hand sides at once,
+  preconditioned by ``d = diag(S')`` (computed exactly from the head blocks);
+- ``log det S' ``: stochastic Lanczos quadrature (Ubaru, Chen and Saad 2017) on
+  ``M = d^-1/2 S' d^-1/2``, whose diagonal is exactly one, with fixed-seed
+  Rademacher probes and two control variates of known mean, ``r'(M - I)r``
+  (mean 0) and ``|(M - I) r|^2`` (mean ``tr((M - I)^2)``, computed exactly from
+  the head blocks' coupling pairs); ``log det d`` and ``log det S_HH`` are exact;
 - its gradient ``tr(S^-1 dS)``: Hutchinson's estimator with the same probes,
-  ``S^-1 ~ mean_k w_k v_k'`` with ``v_k = diag(S)^-1/2 r_k`` and ``w_k = S^-1
-  diag(S)^1/2 r_k`` (unbiased; exact where ``S`` is diagonal).
+  ``S'^-1 ~ sum_p w_p (S'^-1 d^1/2 r_p)(d^-1/2 r_p)'``, extended to ``S^-1``'s
+  blocks exactly (unbiased; exact where ``S'`` is diagonal).
+
+A tail of at most ``probes`` levels is probed with its unit vectors instead,
+which makes every estimate exact.
 
 The probes come from a fixed seed, so the approximate marginal likelihood is a
 deterministic function of the parameters and a fit is reproducible. Its error
-against the exact path falls as ``1/sqrt(probes)``; `benchmarks/bench_iterative.py`
-measures it on the cases where both paths run.
+against the exact path falls as ``1/sqrt(probes)`` and grows with the coupling
+(``tr((M - I)^2)``); a fit reports it (`IterativeArrowFactor.logdet_mc_se`,
+``fit.loglik_mc_se``), and `benchmarks/bench_iterative.py` measures it on the
+cases where both paths run.
 
 No JAX library offers PCG with several right-hand sides under ``vmap`` and
 stochastic Lanczos quadrature with a custom operator (``jax.scipy.sparse.linalg.cg``

@@ -462,7 +462,8 @@ class Fit:
         (``solver="iterative"``: a stochastic estimate of ``log det H``), 0 for
         the exact path."""
         lmm = getattr(self, "_lmm", None)
-        layout = lmm.layout if lmm is not None else (self.model.laplace.layout if self.model.laplace else None)
+        lap = self.model._laplace  # not built here when the fit never used it (AGQ)
+        layout = lmm.layout if lmm is not None else (lap.layout if lap is not None else None)
         if layout is None or layout.iterative is None:
             return 0.0
         if lmm is not None:
@@ -471,7 +472,6 @@ class Fit:
             D = lmm.data
             se = jax.jit(lambda z, D: lmm._layout(D).factor(lmm._H(lmm._T(z[:nth]), z[nth], D)).logdet_mc_se())(z, D)
         else:
-            lap = self.model.laplace
             se = jax.jit(lambda x, u, d: layout.factor(lap.flat(x, u, d)).logdet_mc_se())(
                 to_device(self.x), to_device(self.u), self.data)
         return 0.5 * float(se)

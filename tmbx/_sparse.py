@@ -560,12 +560,11 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
         # triangle): the union of the pairs' destinations and the tail pattern's;
         # their squares give tr(E^2) of the estimator's control variate exactly
         off = pair_i != pair_j
-        tup = tkeys[(tkeys // max(t, 1)) < (tkeys % max(t, 1))]
-        skeys = unique_sorted(np.concatenate([pair_dest[off], tup]))
+        tu = (tkeys // max(t, 1)) < (tkeys % max(t, 1))
+        skeys = unique_sorted(np.concatenate([pair_dest[off], tkeys[tu]]))
         nseg = len(skeys)
         pair_seg = np.where(off, np.searchsorted(skeys, pair_dest), nseg)
         tail_seg = np.full(len(tkeys), nseg, np.int64)
-        tu = (tkeys // max(t, 1)) < (tkeys % max(t, 1))
         tail_seg[tu] = np.searchsorted(skeys, tkeys[tu])
         # the real couplings as entries (block, coupling column, tail position),
         # sorted by block, and the permutation that sorts them by tail position:
@@ -575,9 +574,10 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
         ent_c = cidx if len(keys) else np.zeros(0, np.int64)
         ent_t = colsarr[ent_b, ent_c] if len(keys) else np.zeros(0, np.int64)
         ent_perm = np.argsort(ent_t, kind="stable")
-        # the tail levels probed exactly (unit vectors): those with the most
-        # off-diagonal entries in S (e.g. a small factor coupled to all levels of
-        # the others), whose rows carry most of the stochastic estimates' variance
+        # the tail levels eliminated exactly before the iterations (`exact_probes`
+        # of them, where the tail has more levels than probes): those with the most
+        # off-diagonal entries in S, e.g. a small factor coupled to all levels of
+        # the others, which also leave S' better conditioned
         deg = np.bincount(skeys // max(t, 1), minlength=t) + np.bincount(skeys % max(t, 1), minlength=t)
         nh = min(iterative.exact_probes, t) if t > iterative.probes else 0
         heavy = np.sort(np.argsort(-deg, kind="stable")[:nh])
