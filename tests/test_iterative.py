@@ -224,3 +224,4 @@ def test_iterative_profiled_lmm_agrees_with_the_exact_fit():
     assert it._fit._lmm.layout.iterative is not None and it._fit._lmm._traced_attrs
     assert_agrees(it, ex)
     assert abs(it.sigma / ex.sigma - 1) < 0.01
+    assert "linear-cost path" in it.message and "linear-cost" not in ex.message

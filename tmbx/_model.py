@@ -454,24 +454,34 @@ class Fit:
                 "definite: some parameter is not identified or sits on a boundary (a variance "
                 "near zero, a correlation near +/-1); simplify the model or fix that parameter"
             )
+        if self._iterative_layout() is not None:
+            return ("converged: a quasi-Newton step would gain less than the linear-cost path's "
+                    "estimation noise (solver='iterative'; see loglik_mc_se)")
         return OUTER_MESSAGES[0]
+
+    def _iterative_layout(self):
+        """The layout of the linear-cost path this fit ran on, or None."""
+        lmm = getattr(self, "_lmm", None)
+        lap = self.model._laplace  # not built here when the fit never used it (AGQ)
+        layout = lmm.layout if lmm is not None else (lap.layout if lap is not None else None)
+        return layout if layout is not None and layout.iterative is not None else None
 
     @property
     def loglik_mc_se(self) -> float:
         """The Monte Carlo standard error of `loglik` on the linear-cost path
         (``solver="iterative"``: a stochastic estimate of ``log det H``), 0 for
         the exact path."""
-        lmm = getattr(self, "_lmm", None)
-        lap = self.model._laplace  # not built here when the fit never used it (AGQ)
-        layout = lmm.layout if lmm is not None else (lap.layout if lap is not None else None)
-        if layout is None or layout.iterative is None:
+        layout = self._iterative_layout()
+        if layout is None:
             return 0.0
+        lmm = getattr(self, "_lmm", None)
         if lmm is not None:
             z = lmm._z_of_x(self.x)
             nth = z.shape[0] - 1
             D = lmm.data
             se = jax.jit(lambda z, D: lmm._layout(D).factor(lmm._H(lmm._T(z[:nth]), z[nth], D)).logdet_mc_se())(z, D)
         else:
+            lap = self.model._laplace
             se = jax.jit(lambda x, u, d: layout.factor(lap.flat(x, u, d)).logdet_mc_se())(
                 to_device(self.x), to_device(self.u), self.data)
         return 0.5 * float(se)
