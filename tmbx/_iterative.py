@@ -57,8 +57,8 @@ class IterativeOptions(eqx.Module):
     ``probes``: Rademacher probes of the log-determinant and its gradient (the
     error falls as 1/sqrt(probes); a tail of at most ``probes`` levels is probed
     with its unit vectors instead, which makes both exact); ``exact_probes``:
-    beyond those, unit-vector probes of the tail levels with the most couplings
-    (the Rademacher probes then leave those levels out); ``lanczos_steps``: Lanczos steps per probe;
+    on a larger tail, how many of its most coupled levels are eliminated
+    exactly before the iterations; ``lanczos_steps``: Lanczos steps per probe;
     ``tol``: relative residual at which conjugate gradients stop;
     ``max_iter``: their iteration limit; ``seed``: of the probes.
     """
@@ -289,18 +289,21 @@ class IterativeArrowFactor(eqx.Module):
         return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(), jnp.diagonal(self.LH),
                                 jnp.sqrt(jnp.maximum(self.d, 0.0))])
 
-    def _logdet(self):
+    def _slq(self, per_probe=False):
+        """`slq_logdet` of ``M = d^-1/2 S' d^-1/2`` with this layout's probes."""
         o, t = self.options, self.layout.t
-        head = 2.0 * _logdiag(self.Lh)
-        if not t:
-            return head
-        d = jnp.where(self.d > 0, self.d, 1.0)
-        s = self._light() / jnp.sqrt(d)
+        s = self._light() / jnp.sqrt(jnp.where(self.d > 0, self.d, 1.0))
         M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
         R, w = probe_matrix(t, o.probes, o.seed, self.layout.heavy)
+        return slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=per_probe)
+
+    def _logdet(self):
+        head = 2.0 * _logdiag(self.Lh)
+        if not self.layout.t:
+            return head
+        d = jnp.where(self.d > 0, self.d, 1.0)
         heavy = 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.LH)))
-        return (head + heavy + jnp.sum(self._light() * jnp.log(d))
-                + slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2))
+        return head + heavy + jnp.sum(self._light() * jnp.log(d)) + self._slq()
 
     def logdet(self):
         return logdet(self.layout, self.flat)
@@ -308,14 +311,10 @@ class IterativeArrowFactor(eqx.Module):
     def logdet_mc_se(self):
         """The Monte Carlo standard error of `_logdet`: the spread of its probes'
         terms over sqrt(probes) (zero where the probes are unit vectors: exact)."""
-        o, t = self.options, self.layout.t
-        if t <= o.probes:
+        o = self.options
+        if self.layout.t <= o.probes:
             return jnp.zeros(())
-        d = jnp.where(self.d > 0, self.d, 1.0)
-        s = self._light() / jnp.sqrt(d)
-        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
-        R, w = probe_matrix(t, o.probes, o.seed, self.layout.heavy)
-        _, terms = slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=True)
+        _, terms = self._slq(per_probe=True)
         return jnp.std(terms, ddof=1) / jnp.sqrt(o.probes)
 
     def _probes(self):
@@ -342,38 +341,44 @@ class IterativeArrowFactor(eqx.Module):
         return arrow_solve(self.layout, self.Lh, self.W, b, self.tail_solve)
 
     def _pieces(self):
-        """``D^-1`` head blocks, ``Vh = D^-1 B`` (m, k, c), and the probe products
-        ``A = Vh Wt[cols]``, ``C = Vh V[cols]`` (m, k, P) with ``V, Wt`` (`_probes`)."""
+        """``D^-1`` head blocks, the probes ``V, Wt`` (`_probes`), ``Vhe`` = ``D^-1 B``
+        at the real coupling entries (E, k), and the probe products ``A = Vh Wt[cols]``,
+        ``C = Vh V[cols]`` per head block (m, k, P), summed over those entries only
+        (a block's padded coupling columns would multiply the (m, c, P) memory)."""
+        lay = self.layout
         Lhinv = _tri_inv(self.Lh)
         Dinv = jnp.einsum("mji,mjl->mil", Lhinv, Lhinv)
-        if not self.layout.t:
+        if not lay.t:
             return Dinv, None, None, None, None, None
-        Vh = jnp.einsum("mji,mjc->mic", Lhinv, self.W)
+        Vhe = jnp.einsum("eji,ej->ei", Lhinv[lay.ent_b], self.We)
         V, Wt = self._probes()
-        cols = self.layout.cols
-        A = jnp.einsum("mkc,mcr->mkr", Vh, Wt[cols])
-        C = jnp.einsum("mkc,mcr->mkr", Vh, V[cols])
-        return Dinv, Vh, V, Wt, A, C
+
+        def per_block(P):
+            return jax.ops.segment_sum(Vhe[:, :, None] * P[lay.ent_t][:, None, :], lay.ent_b, lay.m,
+                                       indices_are_sorted=True)
+
+        return Dinv, Vhe, V, Wt, per_block(Wt), per_block(V)
 
     def logdet_grad(self):
         """d logdet / d flat, estimated: ``H^-1`` on the head blocks ``D^-1 + Vh S^-1
         Vh'``, on the coupling ``-Vh S^-1`` (twice: stored once for both
-        triangles) and on the tail's stored entries, with ``S^-1`` replaced by
-        the symmetrized probe estimate ``(Wt V' + V Wt') / 2``."""
+        triangles; real entries only, padding stays zero) and on the tail's
+        stored entries, with ``S^-1`` replaced by the symmetrized probe estimate
+        ``(Wt V' + V Wt') / 2``."""
         lay = self.layout
-        Dinv, Vh, V, Wt, A, C = self._pieces()
+        Dinv, Vhe, V, Wt, A, C = self._pieces()
         if not lay.t:
             return Dinv.reshape(-1)
         head = Dinv + (jnp.einsum("mir,mjr->mij", A, C) + jnp.einsum("mir,mjr->mij", C, A)) / 2
-        cols = lay.cols
-        coup = -(jnp.einsum("mkr,mcr->mkc", A, V[cols]) + jnp.einsum("mkr,mcr->mkc", C, Wt[cols])) / 2
-        coup = 2.0 * coup * lay.cmask()[:, None, :]
+        b, t = lay.ent_b, lay.ent_t
+        coup_e = -(jnp.einsum("ekr,er->ek", A[b], V[t]) + jnp.einsum("ekr,er->ek", C[b], Wt[t]))
+        coup = jnp.zeros((lay.m, lay.c, lay.k), Dinv.dtype).at[b, lay.ent_c].set(coup_e)
         tr, tc = lay.tail_rows, lay.tail_cols
         tail = jnp.sum(Wt[tr] * V[tc] + V[tr] * Wt[tc], axis=1) / 2
-        return jnp.concatenate([head.reshape(-1), coup.reshape(-1), tail])
+        return jnp.concatenate([head.reshape(-1), jnp.swapaxes(coup, 1, 2).reshape(-1), tail])
 
     def diag_inverse(self):
-        Dinv, Vh, V, Wt, A, C = self._pieces()
+        Dinv, _, V, Wt, A, C = self._pieces()
         dh = jnp.diagonal(Dinv, axis1=1, axis2=2)
         if not self.layout.t:
             return arrow_scatter(self.layout, dh, jnp.zeros((0,)))
@@ -386,7 +391,7 @@ class IterativeArrowFactor(eqx.Module):
         br, bc = lay.where_block[rows], lay.where_block[cols]
         if np.any((br != bc) | ((br < 0) != (bc < 0))):
             raise NotImplementedError("inverse entries across arrow blocks")
-        Dinv, Vh, V, Wt, A, C = self._pieces()
+        Dinv, _, V, Wt, A, C = self._pieces()
         pr, pc = lay.where_pos[rows], lay.where_pos[cols]
         hb = np.maximum(br, 0)
         out_h = Dinv[hb, pr, pc]

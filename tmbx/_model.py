@@ -475,15 +475,22 @@ class Fit:
         if layout is None:
             return 0.0
         lmm = getattr(self, "_lmm", None)
+        # compiled once per model (refits and bootstraps ask again)
+        owner = lmm if lmm is not None else self.model
+        fn = getattr(owner, "_mc_se_jit", None)
         if lmm is not None:
-            z = lmm._z_of_x(self.x)
-            nth = z.shape[0] - 1
-            D = lmm.data
-            se = jax.jit(lambda z, D: lmm._layout(D).factor(lmm._H(lmm._T(z[:nth]), z[nth], D)).logdet_mc_se())(z, D)
+            if fn is None:
+                def se_lmm(z, D):
+                    nth = z.shape[0] - 1
+                    return lmm._layout(D).factor(lmm._H(lmm._T(z[:nth]), z[nth], D)).logdet_mc_se()
+
+                fn = owner._mc_se_jit = jax.jit(se_lmm)
+            se = fn(lmm._z_of_x(self.x), lmm.data)
         else:
-            lap = self.model._laplace
-            se = jax.jit(lambda x, u, d: layout.factor(lap.flat(x, u, d)).logdet_mc_se())(
-                to_device(self.x), to_device(self.u), self.data)
+            if fn is None:
+                lap = self.model._laplace
+                fn = owner._mc_se_jit = jax.jit(lambda x, u, d: layout.factor(lap.flat(x, u, d)).logdet_mc_se())
+            se = fn(to_device(self.x), to_device(self.u), self.data)
         return 0.5 * float(se)
 
     def _warn(self):
