@@ -50,6 +50,10 @@ import numpy as np
 
 from ._sparse import _logdiag, _tri_inv, arrow_scatter, arrow_solve, logdet
 
+# the scale of |log theta| above which a Ritz direction of the scaled tail is
+# deflated in full (`IterativeArrowFactor._deflation`)
+DEFLATE_SCALE = 0.5
+
 
 class IterativeOptions(eqx.Module):
     """Settings of the linear-cost path.
@@ -60,7 +64,10 @@ class IterativeOptions(eqx.Module):
     on a larger tail, how many of its most coupled levels are eliminated
     exactly before the iterations; ``lanczos_steps``: Lanczos steps per probe;
     ``tol``: relative residual at which conjugate gradients stop;
-    ``max_iter``: their iteration limit; ``seed``: of the probes.
+    ``max_iter``: their iteration limit; ``seed``: of the probes;
+    ``deflate``: how many of the scaled tail's smallest eigenvectors are
+    approximated and probed exactly (0: none), by ``deflate_iters`` block inverse
+    iterations of ``deflate_cg`` conjugate-gradient steps each.
     """
 
     probes: int = 64
@@ -69,6 +76,9 @@ class IterativeOptions(eqx.Module):
     tol: float = 1e-11
     max_iter: int = 1000
     seed: int = 0
+    deflate: int = 32
+    deflate_iters: int = 3
+    deflate_cg: int = 30
 
 
 def _tail_matvec(layout, Tv, We, v):
@@ -141,7 +151,7 @@ def slq_logdet(matvec, R, w, steps, trE2=None, per_probe=False):
     is the estimate's Monte Carlo error)."""
     probes = R.shape[1]
     rr = jnp.sum(R * R, axis=0)  # |r_p|^2
-    q = R / jnp.sqrt(rr)
+    q = R / jnp.sqrt(jnp.where(rr > 0, rr, 1.0))  # a zero probe (weight c = 0) adds nothing
     eps = 1e-12
 
     def step(carry, _):
@@ -201,6 +211,11 @@ class IterativeArrowFactor(eqx.Module):
     G: jax.Array
     d: jax.Array  # diag(S') on L (1 on H), exact: the Jacobi preconditioner
     trE2: jax.Array  # tr(E^2), E = d^-1/2 S' d^-1/2 - I on L, exact
+    # the deflation basis (t, k), orthonormal Ritz vectors of M, zero on H, and
+    # their weights c (k,); computed on demand (`with_deflation`), since Newton
+    # steps only solve
+    U: jax.Array | None = None
+    c: jax.Array | None = None
 
     @classmethod
     def build(cls, layout, flat, D, B, Tv, Lh, W):
@@ -289,12 +304,66 @@ class IterativeArrowFactor(eqx.Module):
         return jnp.concatenate([jnp.diagonal(self.Lh, axis1=1, axis2=2).ravel(), jnp.diagonal(self.LH),
                                 jnp.sqrt(jnp.maximum(self.d, 0.0))])
 
+    def _deflation(self):
+        """The deflation basis ``U`` and its weights ``c`` (module docstring):
+        ``deflate_iters`` steps of block inverse iteration on ``M = d^-1/2 S'
+        d^-1/2`` from ``d^1/2 1`` (the scaled constant vector, nearly null on
+        crossed designs) and Gaussian vectors, each solve ``deflate_cg``
+        conjugate-gradient steps with no stopping test, then Rayleigh-Ritz.
+        A Ritz vector with value ``theta`` gets ``c^2 = 1 - exp(-(log theta /
+        DEFLATE_SCALE)^2)``: 1 for an outlier, 0 where ``theta ~ 1``, whose
+        direction the Rademacher probes already handle well (exactly, for the
+        diagonal, where ``M = I``); a smooth function of the parameters. Empty
+        where the probes are unit vectors (exact) or ``deflate = 0``. Not
+        differentiated: the estimates are unbiased for any fixed ``U, c``."""
+        if self.U is not None:
+            return self.U, self.c
+        o, t = self.options, self.layout.t
+        light = self._light()
+        k = min(o.deflate, int(light.sum()) // 2)
+        if t <= o.probes or k <= 0:
+            return jnp.zeros((t, 0), self.flat.dtype), jnp.zeros((0,), self.flat.dtype)
+        dd = jnp.where(self.d > 0, self.d, 1.0)
+        sq = jnp.sqrt(dd) * light
+        dinv = light / dd
+        s = light / jnp.sqrt(dd)
+        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
+        X = jax.random.normal(jax.random.PRNGKey(o.seed + 1), (t, k), self.flat.dtype) * light[:, None]
+        X = jnp.linalg.qr(X.at[:, 0].set(sq))[0]
+        for _ in range(o.deflate_iters):
+            X = sq[:, None] * pcg(self._Sr, sq[:, None] * X, dinv, 0.0, o.deflate_cg)  # M^-1 X
+            X = jnp.linalg.qr(X)[0]
+        K = X.T @ M(X)
+        theta, Y = jnp.linalg.eigh(0.5 * (K + K.T))
+        c = jnp.sqrt(-jnp.expm1(-(jnp.log(jnp.maximum(theta, 1e-300)) / DEFLATE_SCALE) ** 2))
+        return jax.lax.stop_gradient(X @ Y), jax.lax.stop_gradient(c)
+
+    def with_deflation(self):
+        """This factor with its deflation basis computed, for the log-determinant
+        and its gradient to share (Newton steps never need it)."""
+        U, c = self._deflation()
+        return eqx.tree_at(lambda f: (f.U, f.c), self, (U, c), is_leaf=lambda x: x is None)
+
+    def _probe_set(self):
+        """The weighted probes ``(R, w)`` of every estimate: ``[U diag(c), (I - U
+        diag(a) U') R]`` with weights ``[1, w]`` for `probe_matrix`'s ``(R, w)``
+        and ``a = 1 - sqrt(1 - c^2)``, so that ``sum_p w_p r_p r_p'`` is still
+        unbiased for the identity (``(I - A)^2 = I - U diag(c^2) U'``); the first
+        ``U.shape[1]`` columns are exact."""
+        R, w = probe_matrix(self.layout.t, self.options.probes, self.options.seed, self.layout.heavy)
+        U, c = self._deflation()
+        if not U.shape[1]:
+            return R, w
+        a = 1.0 - jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+        R = jnp.concatenate([U * c, R - (U * a) @ (U.T @ R)], axis=1)
+        return R, jnp.concatenate([jnp.ones(U.shape[1], w.dtype), w])
+
     def _slq(self, per_probe=False):
-        """`slq_logdet` of ``M = d^-1/2 S' d^-1/2`` with this layout's probes."""
+        """`slq_logdet` of ``M = d^-1/2 S' d^-1/2`` with this factor's probes."""
         o, t = self.options, self.layout.t
         s = self._light() / jnp.sqrt(jnp.where(self.d > 0, self.d, 1.0))
         M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
-        R, w = probe_matrix(t, o.probes, o.seed, self.layout.heavy)
+        R, w = self._probe_set()
         return slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=per_probe)
 
     def _logdet(self):
@@ -314,7 +383,9 @@ class IterativeArrowFactor(eqx.Module):
         o = self.options
         if self.layout.t <= o.probes:
             return jnp.zeros(())
-        _, terms = self._slq(per_probe=True)
+        F = self.with_deflation()
+        _, terms = F._slq(per_probe=True)
+        terms = terms[F.U.shape[1]:]  # the deflated columns are exact
         return jnp.std(terms, ddof=1) / jnp.sqrt(o.probes)
 
     def _probes(self):
@@ -324,8 +395,8 @@ class IterativeArrowFactor(eqx.Module):
         S'^-1, S_HH^-1 + Y S'^-1 Y']]`` with ``Y = S_HH^-1 S_HL``, by extending both to
         H (rows ``-Y Wt``, ``-Y V``) and appending ``S_HH^-1`` exactly as ``h``
         columns ``X X'``, ``X = LH^-T`` on the rows of H."""
-        o, t, heavy = self.options, self.layout.t, self.layout.heavy
-        R, w = probe_matrix(t, o.probes, o.seed, heavy)
+        t, heavy = self.layout.t, self.layout.heavy
+        R, w = self._probe_set()
         d = jnp.where(self.d > 0, self.d, 1.0)
         V = R / jnp.sqrt(d)[:, None]
         Wt = self.tail_solve(R * jnp.sqrt(d)[:, None]) * w

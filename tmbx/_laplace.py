@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._internal import batched_like, to_device
+from ._sparse import for_logdet
 
 # Inner-solve status codes (data, so they survive jit and vmap).
 INNER_OK = 0
@@ -198,7 +199,7 @@ class Laplace:
     def _at_mode(self, fval, flat, status):
         """Value of the marginal at the mode (``fval = f(x, u*)``, ``flat = H``) and
         the status after the singularity check; also the factorization of ``H``."""
-        F = self.layout.factor(flat)
+        F = for_logdet(self.layout.factor(flat))
         val = fval + 0.5 * F._logdet() - 0.5 * self.n_u * math.log(2 * math.pi)
         piv = jax.lax.stop_gradient(jnp.abs(F.pivots()))
         singular = jnp.min(piv) ** 2 < 1e-14 * jnp.max(piv) ** 2

@@ -114,10 +114,18 @@ def logdet(layout, flat):
     return layout.factor(flat)._logdet()
 
 
+def for_logdet(F):
+    """``F`` as its log-determinant and gradient will use it: the linear-cost
+    path's factor computes its deflation basis here, once for both
+    (`IterativeArrowFactor.with_deflation`); every other factor is ready as is."""
+    prepare = getattr(F, "with_deflation", None)
+    return prepare() if prepare is not None else F
+
+
 @logdet.defjvp
 def _logdet_jvp(layout, primals, tangents):
     (flat,), (dflat,) = primals, tangents
-    F = layout.factor(flat)
+    F = for_logdet(layout.factor(flat))
     return F._logdet(), jnp.sum(F.logdet_grad() * dflat)
 
 
@@ -857,10 +865,12 @@ def iterative_cost(m, k, c, t, nnz_tail, options) -> float:
     `ArrowLayout.cost` (flops): the head elimination, then ``probes`` x (Lanczos
     steps + about as many conjugate-gradient steps) products with the tail's Schur
     complement, each a gather/scatter pass over the coupling (weighted 10x a
-    dense flop: memory-bound)."""
+    dense flop: memory-bound), and the deflation basis's block inverse iteration."""
     per_product = 4 * m * k * c + 2 * nnz_tail + 4 * t
     head = m * (k**3 / 3 + k**2 * c)
-    return head + 10.0 * options.probes * 2 * options.lanczos_steps * per_product
+    o = options
+    products = (o.probes + o.deflate) * 2 * o.lanczos_steps + o.deflate * o.deflate_iters * o.deflate_cg
+    return head + 10.0 * products * per_product
 
 
 def _choose_exact(n, rows, cols, *, dense_max, force):
