@@ -119,23 +119,41 @@ class Laplace:
 
     # -- inner Newton ------------------------------------------------------
     def newton(self, x, u0, data):
-        """Damped Newton with backtracking; returns ``(u, status, iterations)``."""
+        """Damped Newton with backtracking; returns ``(u, status, iterations)``.
+
+        Each iteration first tries a chord step with the previous iteration's
+        (undamped) factorization: once its decrement is below tolerance the mode is
+        within rounding after that step too (the error shrinks by the Hessian's
+        relative change over one tiny step), and the factorization that would
+        only confirm convergence is skipped (`jax.lax.cond`). Not on the
+        linear-cost path, whose solves cost more than its factorizations."""
         opt = self.options
         f = lambda u: self.f(x, u, data)
         f0 = f(u0)
+        chord = getattr(self.layout, "iterative", None) is None
+
+        def fresh_factor(u, lam, g):
+            F = self.factor(x, u, data, lam)
+            return F, -F.solve(g)
 
         def cond(st):
-            it, u, fu, lam, status, done = st
-            return (~done) & (it < opt.max_iter)
+            return (~st[5]) & (st[0] < opt.max_iter)
 
         def body(st):
-            it, u, fu, lam, status, done = st
+            it, u, fu, lam, status, done, F, fresh = st
             g = self.grad_u(x, u, data)
-            F = self.factor(x, u, data, lam)
-            step = -F.solve(g)
+            tol = 2 * opt.tol * jnp.maximum(1.0, jnp.abs(fu))
+            if chord:
+                step_c = -F.solve(g)
+                dec_c = -jnp.dot(g, step_c)
+                chord_ok = fresh & jnp.isfinite(dec_c) & (dec_c >= 0) & (dec_c <= tol)
+                F, step = jax.lax.cond(chord_ok, lambda: (F, step_c), lambda: fresh_factor(u, lam, g))
+            else:
+                chord_ok = jnp.asarray(False)
+                F, step = fresh_factor(u, lam, g)
             dec = -jnp.dot(g, step)
             good_factor = F.ok() & jnp.isfinite(dec) & (dec >= 0)
-            converged = good_factor & (dec <= 2 * opt.tol * jnp.maximum(1.0, jnp.abs(fu))) & (lam == 0)
+            converged = chord_ok | (good_factor & (dec <= tol) & (lam == 0))
 
             def ls_cond(ls):
                 a, fnew, k = ls
@@ -167,10 +185,18 @@ class Laplace:
             status_new = jnp.where(
                 converged, INNER_OK, jnp.where(stuck, INNER_NOT_PD, status)
             )
-            return it + 1, u_new, f_new, lam_new, status_new, converged | stuck
+            # this factor serves the next iteration's chord step if it was undamped
+            fresh_new = good_factor & accepted & (lam == 0)
+            F_next = F if chord else st[6]  # (unused off the chord path)
+            return it + 1, u_new, f_new, lam_new, status_new, converged | stuck, F_next, fresh_new
 
-        init = (0, u0, f0, jnp.asarray(0.0), jnp.asarray(INNER_MAXITER), jnp.asarray(False))
-        it, u, fu, lam, status, done = jax.lax.while_loop(cond, body, batched_like(init, u0))
+        # a placeholder factor of the right shapes until the first iteration's
+        # (`fresh = False` keeps it unused)
+        F0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(lambda u: self.factor(x, u, data), u0))
+        init = (0, u0, f0, jnp.asarray(0.0), jnp.asarray(INNER_MAXITER), jnp.asarray(False), F0,
+                jnp.asarray(False))
+        it, u, fu, lam, status, done, _, _ = jax.lax.while_loop(cond, body, batched_like(init, u0))
         status = jnp.where(jnp.isfinite(fu), status, INNER_NONFINITE)
         return u, status, it
 

@@ -410,12 +410,27 @@ class ArrowFactor(eqx.Module):
         if not lay.t:
             return head, jnp.zeros((lay.m, lay.k, 0)), jnp.zeros((0, 0))
         Sinv = self._tail_inverse()
-        cols = lay.cols[:, : lay.c]
-        Scc = Sinv[cols[:, :, None], cols[:, None, :]]  # (m, c, c)
         V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # (m, k, c)
-        VS = jnp.einsum("mic,mcd->mid", V, Scc)
+        VS = self._times_coupled_inverse(V, Sinv)
         head = head + jnp.einsum("mid,mld->mil", VS, V)
         return head, -VS, Sinv
+
+    def _times_coupled_inverse(self, V, Sinv):
+        """``V S^-1[cols, cols]`` per head block, (m, k, c), summed over the
+        layout's real coupling pairs (``i <= j``: ``V[:, i] S_ij`` feeds column
+        ``j`` and, off the diagonal, ``V[:, j] S_ij`` column ``i``), not through a
+        padded (m, c, c) gather of ``S^-1``: blocks of crossed designs couple to
+        very different numbers of tail levels, and the padded gather is several
+        times the memory traffic (the largest cost of a gradient at 1e6 rows)."""
+        lay = self.layout
+        m, k, c = V.shape
+        pb, pi, pj = lay.pair_b, lay.pair_i, lay.pair_j
+        s = Sinv.reshape(-1)[lay.pair_dest]
+        s_off = jnp.where(pi == pj, 0.0, s)
+        terms = jnp.concatenate([V[pb, :, pi] * s[:, None], V[pb, :, pj] * s_off[:, None]])
+        dest = jnp.concatenate([pb * c + pj, pb * c + pi])
+        VS = jax.ops.segment_sum(terms, dest, m * c)  # (m c, k)
+        return jnp.swapaxes(VS.reshape(m, c, k), 1, 2)
 
     def logdet_grad(self):
         """d logdet / d flat: Sigma on the head blocks and the tail (both triangles
