@@ -24,7 +24,20 @@ through the head blocks, never formed):
   the head blocks' coupling pairs); ``log det d`` and ``log det S_HH`` are exact;
 - its gradient ``tr(S^-1 dS)``: Hutchinson's estimator with the same probes,
   ``S'^-1 ~ sum_p w_p (S'^-1 d^1/2 r_p)(d^-1/2 r_p)'``, extended to ``S^-1``'s
-  blocks exactly (unbiased; exact where ``S'`` is diagonal).
+  blocks exactly (unbiased; exact where ``S'`` is diagonal);
+- deflation: ``M``'s few smallest eigenvalues (tail directions confounded with
+  the other factors and the intercept: ``Z_a 1 = Z_b 1``, so a tail factor's
+  constant vector is nearly null) dominate the probes' variance, about
+  ``2 log(lambda)^2`` each. Ritz vectors ``U`` of the ``deflate`` smallest
+  (block inverse iteration from ``d^1/2 1`` and Gaussian vectors, solves to
+  a relative residual of 1e-8, then Rayleigh-Ritz: a deterministic function
+  of the parameters, smooth to that tolerance) are probed exactly and the
+  Rademacher probes projected off them, ``[U c, (I - U a U')R]`` with
+  weights ``[1, 1/P]`` (``c`` from the Ritz value: 1 for an outlier, 0 near 1;
+  ``(1 - a)^2 = 1 - c^2``), still an unbiased estimate of the identity for any
+  ``U``, so every estimate stays unbiased and loses the outliers' variance.
+  The same Ritz pairs make the conjugate gradients' preconditioner two-level
+  (Jacobi, with the Ritz directions scaled by their Ritz values' inverses).
 
 A tail of at most ``probes`` levels is probed with its unit vectors instead,
 which makes every estimate exact.
@@ -51,8 +64,10 @@ import numpy as np
 from ._sparse import _logdiag, _tri_inv, arrow_scatter, arrow_solve, logdet
 
 # the scale of |log theta| above which a Ritz direction of the scaled tail is
-# deflated in full (`IterativeArrowFactor._deflation`)
+# deflated in full, and the relative residual of the inverse iteration's solves
+# (`IterativeArrowFactor._deflation`)
 DEFLATE_SCALE = 0.5
+DEFLATE_TOL = 1e-8
 
 
 class IterativeOptions(eqx.Module):
@@ -67,18 +82,18 @@ class IterativeOptions(eqx.Module):
     ``max_iter``: their iteration limit; ``seed``: of the probes;
     ``deflate``: how many of the scaled tail's smallest eigenvectors are
     approximated and probed exactly (0: none), by ``deflate_iters`` block inverse
-    iterations of ``deflate_cg`` conjugate-gradient steps each.
+    iterations of at most ``deflate_cg`` conjugate-gradient steps each.
     """
 
     probes: int = 64
     exact_probes: int = 32
-    lanczos_steps: int = 40
+    lanczos_steps: int = 20
     tol: float = 1e-11
     max_iter: int = 1000
     seed: int = 0
     deflate: int = 32
     deflate_iters: int = 3
-    deflate_cg: int = 30
+    deflate_cg: int = 50
 
 
 def _tail_matvec(layout, Tv, We, v):
@@ -94,12 +109,15 @@ def _tail_matvec(layout, Tv, We, v):
 
 
 def pcg(matvec, b, dinv, tol, max_iter):
-    """Jacobi-preconditioned conjugate gradients on every column of ``b`` (n, r) at
-    once; a column stops changing once its residual is below ``tol * |b|``."""
+    """Preconditioned conjugate gradients on every column of ``b`` (n, r) at once;
+    a column stops changing once its residual is below ``tol * |b|``. ``dinv``:
+    the inverse diagonal (Jacobi), or the preconditioner as a function of (n, r)
+    blocks."""
+    prec = dinv if callable(dinv) else (lambda r: dinv[:, None] * r)
     bnorm = jnp.sqrt(jnp.sum(b * b, axis=0))
-    x = dinv[:, None] * b
+    x = prec(b)
     r = b - matvec(x)
-    z = dinv[:, None] * r
+    z = prec(r)
     p = z
     rz = jnp.sum(r * z, axis=0)
 
@@ -118,7 +136,7 @@ def pcg(matvec, b, dinv, tol, max_iter):
         alpha = jnp.where(on & (den > 0), rz / jnp.where(den > 0, den, 1.0), 0.0)
         x = x + alpha * p
         r = r - alpha * Sp
-        z = dinv[:, None] * r
+        z = prec(r)
         rz_new = jnp.sum(r * z, axis=0)
         beta = jnp.where(on & (rz > 0), rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
         p = jnp.where(on, z + beta * p, p)
@@ -212,10 +230,10 @@ class IterativeArrowFactor(eqx.Module):
     d: jax.Array  # diag(S') on L (1 on H), exact: the Jacobi preconditioner
     trE2: jax.Array  # tr(E^2), E = d^-1/2 S' d^-1/2 - I on L, exact
     # the deflation basis (t, k), orthonormal Ritz vectors of M, zero on H, and
-    # their weights c (k,); computed on demand (`with_deflation`), since Newton
+    # their Ritz values (k,); computed on demand (`with_deflation`), since Newton
     # steps only solve
     U: jax.Array | None = None
-    c: jax.Array | None = None
+    theta: jax.Array | None = None
 
     @classmethod
     def build(cls, layout, flat, D, B, Tv, Lh, W):
@@ -281,6 +299,15 @@ class IterativeArrowFactor(eqx.Module):
         o, heavy = self.options, self.layout.heavy
         light = self._light()
         dinv = light / jnp.where(self.d > 0, self.d, 1.0)
+        if self.U is not None and self.U.shape[1]:
+            # with the deflation basis at hand: Jacobi, with M's Ritz directions
+            # scaled by their Ritz values' inverses, ``d^-1/2 (I + U (Theta^-1 -
+            # I) U') d^-1/2``; the near-null directions that set conjugate
+            # gradients' iteration count are then solved in one step
+            Ud = jnp.sqrt(dinv)[:, None] * self.U
+            corr = 1.0 / self.theta - 1.0
+            jacobi = dinv
+            dinv = lambda r: jacobi[:, None] * r + Ud @ (corr[:, None] * (Ud.T @ r))
         tri = jax.scipy.linalg.solve_triangular
 
         def solve(_, b):
@@ -305,19 +332,20 @@ class IterativeArrowFactor(eqx.Module):
                                 jnp.sqrt(jnp.maximum(self.d, 0.0))])
 
     def _deflation(self):
-        """The deflation basis ``U`` and its weights ``c`` (module docstring):
+        """The deflation basis ``U`` and its Ritz values ``theta`` (module docstring):
         ``deflate_iters`` steps of block inverse iteration on ``M = d^-1/2 S'
         d^-1/2`` from ``d^1/2 1`` (the scaled constant vector, nearly null on
-        crossed designs) and Gaussian vectors, each solve ``deflate_cg``
-        conjugate-gradient steps with no stopping test, then Rayleigh-Ritz.
+        crossed designs) and Gaussian vectors, each solve to a relative residual
+        of ``DEFLATE_TOL`` (at most ``deflate_cg`` conjugate-gradient steps),
+        then Rayleigh-Ritz.
         A Ritz vector with value ``theta`` gets ``c^2 = 1 - exp(-(log theta /
         DEFLATE_SCALE)^2)``: 1 for an outlier, 0 where ``theta ~ 1``, whose
         direction the Rademacher probes already handle well (exactly, for the
-        diagonal, where ``M = I``); a smooth function of the parameters. Empty
+        diagonal, where ``M = I``) (`_probe_set`). Empty
         where the probes are unit vectors (exact) or ``deflate = 0``. Not
-        differentiated: the estimates are unbiased for any fixed ``U, c``."""
+        differentiated: the estimates are unbiased for any fixed ``U, theta``."""
         if self.U is not None:
-            return self.U, self.c
+            return self.U, self.theta
         o, t = self.options, self.layout.t
         light = self._light()
         k = min(o.deflate, int(light.sum()) // 2)
@@ -331,18 +359,17 @@ class IterativeArrowFactor(eqx.Module):
         X = jax.random.normal(jax.random.PRNGKey(o.seed + 1), (t, k), self.flat.dtype) * light[:, None]
         X = jnp.linalg.qr(X.at[:, 0].set(sq))[0]
         for _ in range(o.deflate_iters):
-            X = sq[:, None] * pcg(self._Sr, sq[:, None] * X, dinv, 0.0, o.deflate_cg)  # M^-1 X
+            X = sq[:, None] * pcg(self._Sr, sq[:, None] * X, dinv, DEFLATE_TOL, o.deflate_cg)  # M^-1 X
             X = jnp.linalg.qr(X)[0]
         K = X.T @ M(X)
         theta, Y = jnp.linalg.eigh(0.5 * (K + K.T))
-        c = jnp.sqrt(-jnp.expm1(-(jnp.log(jnp.maximum(theta, 1e-300)) / DEFLATE_SCALE) ** 2))
-        return jax.lax.stop_gradient(X @ Y), jax.lax.stop_gradient(c)
+        return jax.lax.stop_gradient(X @ Y), jax.lax.stop_gradient(jnp.maximum(theta, 1e-300))
 
     def with_deflation(self):
-        """This factor with its deflation basis computed, for the log-determinant
-        and its gradient to share (Newton steps never need it)."""
-        U, c = self._deflation()
-        return eqx.tree_at(lambda f: (f.U, f.c), self, (U, c), is_leaf=lambda x: x is None)
+        """This factor with its deflation basis computed, for the log-determinant,
+        its gradient and their solves to share (Newton steps never need it)."""
+        U, theta = self._deflation()
+        return eqx.tree_at(lambda f: (f.U, f.theta), self, (U, theta), is_leaf=lambda x: x is None)
 
     def _probe_set(self):
         """The weighted probes ``(R, w)`` of every estimate: ``[U diag(c), (I - U
@@ -351,9 +378,10 @@ class IterativeArrowFactor(eqx.Module):
         unbiased for the identity (``(I - A)^2 = I - U diag(c^2) U'``); the first
         ``U.shape[1]`` columns are exact."""
         R, w = probe_matrix(self.layout.t, self.options.probes, self.options.seed, self.layout.heavy)
-        U, c = self._deflation()
+        U, theta = self._deflation()
         if not U.shape[1]:
             return R, w
+        c = jnp.sqrt(-jnp.expm1(-(jnp.log(theta) / DEFLATE_SCALE) ** 2))
         a = 1.0 - jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
         R = jnp.concatenate([U * c, R - (U * a) @ (U.T @ R)], axis=1)
         return R, jnp.concatenate([jnp.ones(U.shape[1], w.dtype), w])

@@ -47,7 +47,7 @@ import scipy.sparse as sps
 
 from .._optim import BFGSOptions, bfgs
 from .._internal import eval_method, to_device, unique_sorted
-from .._sparse import choose_layout
+from .._sparse import choose_layout, for_logdet
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -268,7 +268,7 @@ class ProfiledLMM:
         """Factor H; log|H|, the conditional modes u and beta_hat,
         G_X = H^-1 Lambda' Z'WX, S and its Cholesky factor L."""
         p = self.p
-        F = self._layout(D).factor(self._H(T, d, D))
+        F = for_logdet(self._layout(D).factor(self._H(T, d, D)))
         R = self._lam_t(T, D["ZtXy"], D)
         G = F.solve(R)
         S = D["XtX"] - R[:, :p].T @ G[:, :p]
