@@ -354,14 +354,12 @@ class IterativeArrowFactor(eqx.Module):
         dd = jnp.where(self.d > 0, self.d, 1.0)
         sq = jnp.sqrt(dd) * light
         dinv = light / dd
-        s = light / jnp.sqrt(dd)
-        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
         X = jax.random.normal(jax.random.PRNGKey(o.seed + 1), (t, k), self.flat.dtype) * light[:, None]
         X = jnp.linalg.qr(X.at[:, 0].set(sq))[0]
         for _ in range(o.deflate_iters):
             X = sq[:, None] * pcg(self._Sr, sq[:, None] * X, dinv, DEFLATE_TOL, o.deflate_cg)  # M^-1 X
             X = jnp.linalg.qr(X)[0]
-        K = X.T @ M(X)
+        K = X.T @ self._M(X)
         theta, Y = jnp.linalg.eigh(0.5 * (K + K.T))
         return jax.lax.stop_gradient(X @ Y), jax.lax.stop_gradient(jnp.maximum(theta, 1e-300))
 
@@ -386,13 +384,17 @@ class IterativeArrowFactor(eqx.Module):
         R = jnp.concatenate([U * c, R - (U * a) @ (U.T @ R)], axis=1)
         return R, jnp.concatenate([jnp.ones(U.shape[1], w.dtype), w])
 
+    def _M(self, v):
+        """``M v`` for the scaled tail ``M = d^-1/2 S' d^-1/2`` (unit diagonal on L,
+        zero on H), ``v`` of shape (t, r)."""
+        s = self._light() / jnp.sqrt(jnp.where(self.d > 0, self.d, 1.0))
+        return s[:, None] * self._Sr(s[:, None] * v)
+
     def _slq(self, per_probe=False):
         """`slq_logdet` of ``M = d^-1/2 S' d^-1/2`` with this factor's probes."""
         o, t = self.options, self.layout.t
-        s = self._light() / jnp.sqrt(jnp.where(self.d > 0, self.d, 1.0))
-        M = lambda v: s[:, None] * self._Sr(s[:, None] * v)
         R, w = self._probe_set()
-        return slq_logdet(M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=per_probe)
+        return slq_logdet(self._M, R, w, min(o.lanczos_steps, t + 1), self.trE2, per_probe=per_probe)
 
     def _logdet(self):
         head = 2.0 * _logdiag(self.Lh)

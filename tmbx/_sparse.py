@@ -459,10 +459,9 @@ class ArrowFactor(eqx.Module):
 
     def diag_inverse(self):
         """Diagonal of H^-1 without forming it: ``diag(D^-1) + diag(V S^-1 V')`` per
-        head block (``V = Lh^-T W``), summed over the layout's real coupling pairs
-        rather than through `_selected_inverse`'s padded (m, c, c) gather of
-        ``S^-1`` (tens of times the memory on crossed designs whose levels couple
-        to very different numbers of others); ``diag(S^-1)`` on the tail."""
+        head block (``V = Lh^-T W``), from `_times_coupled_inverse` (the layout's
+        real coupling pairs) without forming the head blocks of ``H^-1``;
+        ``diag(S^-1)`` on the tail."""
         lay = self.layout
         Lhinv = _tri_inv(self.Lh)  # (m, k, k)
         dh = jnp.sum(Lhinv**2, axis=1)  # (m, k)
@@ -470,11 +469,8 @@ class ArrowFactor(eqx.Module):
             return self._scatter(dh, jnp.zeros((0,)))
         Sinv = self._tail_inverse()
         V = jnp.einsum("mji,mjc->mic", Lhinv, self.W)  # (m, k, c)
-        pb, pi, pj = lay.pair_b, lay.pair_i, lay.pair_j
-        # the pairs i <= j of each block: an off-diagonal one stands for (i, j) and (j, i)
-        sinv = Sinv.reshape(-1)[lay.pair_dest] * jnp.where(pi == pj, 1.0, 2.0)
-        terms = V[pb, :, pi] * sinv[:, None] * V[pb, :, pj]  # (P, k)
-        return self._scatter(dh + jax.ops.segment_sum(terms, pb, lay.m), jnp.diagonal(Sinv))
+        dh = dh + jnp.sum(V * self._times_coupled_inverse(V, Sinv), axis=2)
+        return self._scatter(dh, jnp.diagonal(Sinv))
 
 
 def arrow_gather(lay, b):
