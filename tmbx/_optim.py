@@ -3,8 +3,9 @@
 glmmTMB uses ``nlminb`` (a quasi-Newton trust-region method). We use BFGS
 with a backtracking line search on the exact gradient, followed by a Newton
 polish on a Hessian obtained by central differences of the exact gradient
-(TMB's ``optimHess``). The function carries an auxiliary state (the warm
-start of the inner Newton solve) from one evaluation to the next.
+(TMB's ``optimHess``; forward differences where every evaluation is costly).
+The function carries an auxiliary state (the warm start of the inner Newton
+solve) from one evaluation to the next.
 
 The loop is a state machine that evaluates the objective exactly once per
 iteration (trial points of the line search, of the Hessian differences and
@@ -61,6 +62,10 @@ class BFGSOptions(eqx.Module):
     objective near a boundary is noisy at about 1e-11 relative);
     ``jac_aux``: with ``polish``, also difference the first ``jac_aux`` entries of
     a 1-D ``aux`` at the same points (their Jacobian in x, ``aux_jacobian``);
+    ``fd_forward``: forward differences ``(g(x + h e_i) - g(x)) / h`` (``n``
+    gradients instead of ``2n``) for a model whose every evaluation is costly; with
+    an exact gradient and a step ``fd_step`` of 1e-5 the truncation error
+    (relative ``~h``) stays below central differences' rounding error at 1e-4;
     ``gain_tol``: a line search that gives up still counts as converged when a
     quasi-Newton step would gain less than this (``g' H^-1 g / 2``): the
     linear-cost path's objective is an estimate whose gradient is not exactly its
@@ -78,10 +83,11 @@ class BFGSOptions(eqx.Module):
     max_expand: int = 5
     noise: float = 1e-11
     gain_tol: float = 0.0
+    fd_forward: bool = False
 
 
 def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), max_evals=None,
-         hinv0=None):
+         hinv0=None, curvature=None):
     """Minimize ``f``; ``value_and_grad(x, aux, data) -> (f, g, aux_new)``.
 
     Returns a dict with ``x, f, g, aux, status, iterations, hessian`` (the
@@ -90,6 +96,11 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
     program then serves runs with different budgets. ``hinv0``: a starting inverse
     Hessian (e.g. a refit's, from the original fit: the first steps are then
     Newton steps rather than a scaled steepest descent); default the identity.
+    ``curvature(x, aux, data) -> H``: an approximate Hessian at the first point,
+    from that evaluation's ``aux`` (`Model._gauss_newton`); the inverse of its
+    diagonal then starts the quasi-Newton updates in place of the identity (run
+    once, under `jax.lax.cond`). On the 1e6-row Bernoulli ladder this takes the
+    search from 21 evaluations to 12; on the random-slope Poisson one it costs 2.
 
     The body is branch-free (every update is computed and selected with
     ``where``): the state is small, and ``cond`` branches would each carry a
@@ -120,10 +131,24 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
     def fd_h(x):
         return opt.fd_step * jnp.maximum(1.0, jnp.abs(x))
 
+    # the Hessian phase's evaluations: k = 2i, 2i + 1 at x +/- h_i e_i (central),
+    # k = i at x + h_i e_i (forward)
+    forward = opt.fd_forward
+    n_fd = n if forward else 2 * n
+
     def fd_point(x, k):
+        if forward:
+            return x + fd_h(x)[jnp.minimum(k, n - 1)] * eye[jnp.minimum(k, n - 1)]
         i = jnp.minimum(k // 2, n - 1)
         sign = jnp.where(k % 2 == 0, 1.0, -1.0)
         return x + sign * fd_h(x)[i] * eye[i]
+
+    def fd_column(k, new, old, h):
+        # this evaluation's share of column i of the derivative (``new`` at the
+        # Hessian point, ``old`` at x)
+        if forward:
+            return (new - old) / h
+        return jnp.where(k % 2 == 0, new, -new) / (2.0 * h)
 
     polish = opt.polish and n > 0
 
@@ -136,7 +161,13 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
 
         # ---- first evaluation (at x0): the objective appears once in the program
         ini = phase == _INIT
-        p_ini = direction(st["Hinv"], gt, st["first"])
+        if curvature is not None:
+            # (``first`` stays: the first update rescales this metric as it does the
+            # identity, by s'y / y'Hy)
+            Hc, ok_c = jax.lax.cond(ini & finite_t, lambda: _diagonal_metric(curvature(xt, auxt, data)),
+                                    lambda: (eye, jnp.asarray(False)))
+            Hinv = jnp.where(ok_c, Hc, Hinv)
+        p_ini = direction(Hinv, gt, st["first"])
         done_ini = ini & (~finite_t | small_grad(ft, gt))
 
 
@@ -165,7 +196,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         s = xc - x
         y = gc - g
         sy = jnp.dot(s, y)
-        H0 = jnp.where(st["first"], eye * sy / jnp.maximum(jnp.dot(y, y), 1e-300), Hinv)
+        H0 = jnp.where(st["first"], Hinv * sy / jnp.maximum(jnp.dot(y, Hinv @ y), 1e-300), Hinv)
         rho = 1.0 / jnp.where(sy > 0, sy, 1.0)
         V = eye - rho * jnp.outer(s, y)
         upd = sy > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y)
@@ -188,16 +219,15 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         # ---- Hessian phase: gradients at x +/- h_i e_i (k = 2i, 2i + 1)
         hs = phase == _HESSIAN
         k = st["k"]
-        i = jnp.minimum(k // 2, n - 1)
-        contrib = jnp.where(k % 2 == 0, gt, -gt) / (2.0 * fd_h(x)[i])
-        G = jnp.where(hs, st["G"].at[i].add(contrib), st["G"])
+        i = jnp.minimum(k if forward else k // 2, n - 1)
+        G = jnp.where(hs, st["G"].at[i].add(fd_column(k, gt, g, fd_h(x)[i])), st["G"])
         if opt.jac_aux:
-            ca = jnp.where(k % 2 == 0, auxt[: opt.jac_aux], -auxt[: opt.jac_aux]) / (2.0 * fd_h(x)[i])
+            ca = fd_column(k, auxt[: opt.jac_aux], st["aux"][: opt.jac_aux], fd_h(x)[i])
             JA = jnp.where(hs, st["JA"].at[:, i].add(ca), st["JA"])
         else:
             JA = st["JA"]
         k_next = jnp.where(hs, k + 1, k)
-        hs_done = hs & (k_next >= 2 * n)
+        hs_done = hs & (k_next >= n_fd)
         Hfd = 0.5 * (G + G.T)
         L = jnp.linalg.cholesky(Hfd)
         step = jax.scipy.linalg.cho_solve((L, True), g)
@@ -283,3 +313,14 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
     if opt.jac_aux:
         out["aux_jacobian"] = st["JAfin"]
     return out
+
+
+def _diagonal_metric(H):
+    """``(inverse, ok)``: the inverse of ``diag(|H_ii|)`` (floored at 1e-6 of the
+    largest) of an approximate Hessian, a starting metric for BFGS, which then
+    needs to learn the couplings but not the parameters' very different scales
+    (``ok`` False if not finite)."""
+    d = jnp.abs(jnp.diag(H))
+    ok = jnp.all(jnp.isfinite(d)) & (jnp.max(d, initial=0.0) > 0)
+    d = jnp.where(ok, jnp.maximum(d, 1e-6 * jnp.max(d, initial=0.0)), 1.0)
+    return jnp.diag(1.0 / d), ok
