@@ -517,6 +517,10 @@ def _run(cmd, env=None, timeout=TIMEOUT, child_peak=False) -> dict:
     return res
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _worker_cmd(tool, case_id, repeats, profile=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, "--cases", case_id, "--repeats", str(repeats)]
     return cmd + (["--profile"] if profile else [])
@@ -920,6 +924,11 @@ def main():
          "mixedlm": lambda: worker_mixedlm(case, args.repeats)}[args.worker]()
         return
 
+    # a SIGTERM (`timeout`, a batch system) ends the driver through the same path as
+    # ^C, which kills the running worker's process group: else the worker, in a
+    # session of its own, runs on (on a GPU it kept the device's memory, and the
+    # next case failed with CUDA out-of-memory)
+    signal.signal(signal.SIGTERM, _interrupt)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     results.pop("_meta", None)
     if args.table:
