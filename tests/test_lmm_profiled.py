@@ -102,6 +102,28 @@ def test_fit_equals_general_laplace_path(reml):
         np.testing.assert_allclose(a.ranef()[g].to_numpy(), b.ranef()[g].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("reml", [False, True])
+def test_large_model_hessian_by_forward_differences(monkeypatch, reml):
+    """A model compiled as a large one (``TMBX_FAST_COMPILE=0``) differences the
+    gradient forward for its Hessian (n evaluations, not 2n); the Hessian, and so
+    every standard error, matches central differences' (a small model's)."""
+    df = _data(seed=5)
+    kw = dict(data=df, reml=reml, weights=df["w"].to_numpy(), offset=df["off"].to_numpy())
+    fits = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TMBX_FAST_COMPILE", flag)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits[flag] = tmbx.glmm("y ~ x + (1 + x|g) + (1|h)", **kw)
+        assert fits[flag]._fit._lmm._polish_options().fd_forward == (flag == "0")
+    a, b = fits["0"], fits["1"]
+    assert a.loglik == pytest.approx(b.loglik, abs=1e-9)
+    H_a, H_b = a._fit.hessian, b._fit.hessian
+    np.testing.assert_allclose(H_a, H_b, rtol=1e-4, atol=1e-4 * np.max(np.abs(H_b)))
+    for comp in ("cond", "disp"):
+        np.testing.assert_allclose(a.vcov()[comp].to_numpy(), b.vcov()[comp].to_numpy(), rtol=1e-4, atol=1e-10)
+
+
 def test_not_used_where_it_does_not_apply():
     df = _data()
     design = build_design("y ~ x + (1|g)", df, dispformula="~x")

@@ -194,6 +194,20 @@ class ProfiledLMM:
 
         return ITERATIVE_GAIN if self.layout.iterative is not None else 0.0
 
+    def _polish_options(self):
+        """The fit's optimizer settings: a Newton polish on the finite-difference
+        Hessian, which also differences beta (``jac_aux``). As in
+        `Model._outer_options`, a large model (one not compiled as a small one,
+        `compile_options`) on the exact path takes forward differences."""
+        from .._config import compile_options
+        from .._model import FORWARD_FD_STEP
+
+        opt = BFGSOptions(polish=True, jac_aux=self.p, gain_tol=self._gain_tol)
+        large = compile_options(self.template.model.data, self.q) is None
+        if large and self.layout.iterative is None:
+            opt = BFGSOptions(polish=True, jac_aux=self.p, fd_forward=True, fd_step=FORWARD_FD_STEP)
+        return opt
+
     @staticmethod
     def _layout_hint(terms, q):
         """Arrow layout: the levels of the largest grouping factor (every term on it)
@@ -420,7 +434,7 @@ class ProfiledLMM:
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + nth + 1 + p * p + self.q)
-        res = bfgs(vg, zeta0, aux0, D, BFGSOptions(polish=True, jac_aux=p, gain_tol=self._gain_tol), hinv0=hinv0)
+        res = bfgs(vg, zeta0, aux0, D, self._polish_options(), hinv0=hinv0)
         zeta, aux = res["x"], res["aux"]
         beta, g_r2, r2 = aux[:p], aux[p: p + nth], aux[p + nth]
         o = p + nth + 1
@@ -468,7 +482,7 @@ class ProfiledLMM:
             return f, g, aux_new
 
         aux0 = jnp.zeros(p + p * p + self.q)
-        res = bfgs(vg, z0, aux0, D, BFGSOptions(polish=True, jac_aux=p, gain_tol=self._gain_tol))
+        res = bfgs(vg, z0, aux0, D, self._polish_options())
         z, aux = res["x"], res["aux"]
         beta, S, u = aux[:p], aux[p: p + p * p].reshape(p, p), aux[p + p * p:]
         conditioning = self._conditioning(jnp.linalg.cholesky(S), D)
