@@ -196,7 +196,7 @@ def test_large_model_outer_loop_forward_hessian_and_gauss_newton_start(monkeypat
     d, ng = _glmm_data(seed=6, ng=40, per=10)
     params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
     model = tmbx.Model(_poisson_nll, params, data=d, random=["b"])
-    assert model._predicts(3) and model._outer_options(predicts=True).fd_forward
+    assert model._predicts(3) and model._outer_options().fd_forward
     fit = model.fit()
     assert fit.converged, fit.message
     H_exact = fit.exact_hessian()
@@ -210,11 +210,12 @@ def test_large_model_outer_loop_forward_hessian_and_gauss_newton_start(monkeypat
     _, (u, _, J) = jax.jit(lap.objective_with_jac)(x, jnp.asarray(fit.u), model.data)
     gn = np.asarray(model._gauss_newton(x, (u, x, J), model.data))
     np.testing.assert_allclose(gn[:2, :2], H_exact[:2, :2], rtol=0.1)
-    # reference: central differences and the identity start
-    ref = tmbx.Model(_poisson_nll, params, data=d, random=["b"])
-    ref.PREDICT_MAX_X = 0  # no predictor: the plain path
+    # reference: central differences (an fd_step set by the user is kept) and the
+    # identity start (no mode predictor)
+    ref = tmbx.Model(_poisson_nll, params, data=d, random=["b"], outer=tmbx.BFGSOptions(fd_step=2e-4))
+    ref.PREDICT_MAX_X = 0
     ref._compile()
-    assert not ref._outer_options(predicts=False).fd_forward
+    assert not ref._outer_options().fd_forward
     plain = ref.fit()
     assert fit.loglik == pytest.approx(plain.loglik, abs=1e-9)
     np.testing.assert_allclose(fit.x, plain.x, atol=1e-5)

@@ -297,24 +297,25 @@ class Model:
         eye = jnp.eye(x.shape[0], dtype=x.dtype)
         return jax.vmap(lambda e: cols(e, e))(eye)
 
-    def _outer_options(self, predicts=False):
+    def _outer_options(self):
         """The optimizer's settings; on the linear-cost path, a search that gives up
         within `ITERATIVE_GAIN` of the optimum counts as converged (see `BFGSOptions`).
-        With the mode predictor on the exact path (a large model: each evaluation
-        costs factorizations), the finite-difference Hessian takes forward
-        differences at step `FORWARD_FD_STEP` unless the user set ``fd_step``."""
+        A large model (one not compiled as a small one, `compile_options`: each
+        evaluation is a pass over much data, or sparse factorizations) takes its
+        finite-difference Hessian by forward differences at step `FORWARD_FD_STEP`,
+        unless the user set ``fd_step``."""
         lap = self.laplace
         opt = self.options
         if lap is not None and lap.layout.iterative is not None:
             return eqx.tree_at(lambda o: o.gain_tol, opt, max(opt.gain_tol, ITERATIVE_GAIN))
-        if predicts and opt.fd_step == BFGSOptions.fd_step:
+        if not self._compiler_options and opt.fd_step == BFGSOptions.fd_step:
             return eqx.tree_at(lambda o: (o.fd_forward, o.fd_step), opt, (True, FORWARD_FD_STEP))
         return opt
 
     def _fit_impl(self, x0, u0, d):
         if self._predicts(x0.shape[0]):
             aux0 = (u0, x0, jnp.zeros((u0.shape[0], x0.shape[0]), u0.dtype))
-            res = bfgs(self._vg_predict, x0, aux0, d, self._outer_options(predicts=True),
+            res = bfgs(self._vg_predict, x0, aux0, d, self._outer_options(),
                        curvature=self._gauss_newton)
             u = res["aux"][0]
         else:

@@ -216,7 +216,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         gave_up = exhausted & (st["nfail"] >= 1)
         p_sd = direction(eye, g, True)
 
-        # ---- Hessian phase: gradients at x +/- h_i e_i (k = 2i, 2i + 1)
+        # ---- Hessian phase: gradients at the points of `fd_point`
         hs = phase == _HESSIAN
         k = st["k"]
         i = jnp.minimum(k if forward else k // 2, n - 1)
