@@ -108,12 +108,14 @@ def _tail_matvec(layout, Tv, We, v):
     return y - jax.ops.segment_sum(back[lay.ent_perm], lay.ent_t_sorted, lay.t, indices_are_sorted=True)
 
 
-def pcg(matvec, b, dinv, tol, max_iter):
+def pcg(matvec, b, prec, tol, max_iter):
     """Preconditioned conjugate gradients on every column of ``b`` (n, r) at once;
-    a column stops changing once its residual is below ``tol * |b|``. ``dinv``:
+    a column stops changing once its residual is below ``tol * |b|``. ``prec``:
     the inverse diagonal (Jacobi), or the preconditioner as a function of (n, r)
     blocks."""
-    prec = dinv if callable(dinv) else (lambda r: dinv[:, None] * r)
+    if not callable(prec):
+        dinv = prec
+        prec = lambda r: dinv[:, None] * r
     bnorm = jnp.sqrt(jnp.sum(b * b, axis=0))
     x = prec(b)
     r = b - matvec(x)
@@ -299,6 +301,7 @@ class IterativeArrowFactor(eqx.Module):
         o, heavy = self.options, self.layout.heavy
         light = self._light()
         dinv = light / jnp.where(self.d > 0, self.d, 1.0)
+        prec = dinv  # Jacobi
         if self.U is not None and self.U.shape[1]:
             # with the deflation basis at hand: Jacobi, with M's Ritz directions
             # scaled by their Ritz values' inverses, ``d^-1/2 (I + U (Theta^-1 -
@@ -306,15 +309,14 @@ class IterativeArrowFactor(eqx.Module):
             # gradients' iteration count are then solved in one step
             Ud = jnp.sqrt(dinv)[:, None] * self.U
             corr = 1.0 / self.theta - 1.0
-            jacobi = dinv
-            dinv = lambda r: jacobi[:, None] * r + Ud @ (corr[:, None] * (Ud.T @ r))
+            prec = lambda r: dinv[:, None] * r + Ud @ (corr[:, None] * (Ud.T @ r))
         tri = jax.scipy.linalg.solve_triangular
 
         def solve(_, b):
             if not len(heavy):
-                return pcg(self._S, b, dinv, o.tol, o.max_iter)
+                return pcg(self._S, b, prec, o.tol, o.max_iter)
             z = tri(self.LH, b[heavy], lower=True)
-            xl = pcg(self._Sr, light[:, None] * (b - self.G @ z), dinv, o.tol, o.max_iter)
+            xl = pcg(self._Sr, light[:, None] * (b - self.G @ z), prec, o.tol, o.max_iter)
             xh = tri(self.LH, z - self.G.T @ xl, lower=True, trans=1)
             return xl.at[heavy].set(xh)
 

@@ -144,7 +144,8 @@ class Laplace:
             g = self.grad_u(x, u, data)
             tol = 2 * opt.tol * jnp.maximum(1.0, jnp.abs(fu))
             if chord:
-                step_c = -F.solve(g)
+                # (no solve with the first iteration's placeholder or a damped factor)
+                step_c = jax.lax.cond(fresh, lambda: -F.solve(g), lambda: jnp.full_like(g, jnp.inf))
                 dec_c = -jnp.dot(g, step_c)
                 chord_ok = fresh & jnp.isfinite(dec_c) & (dec_c >= 0) & (dec_c <= tol)
                 F, step = jax.lax.cond(chord_ok, lambda: (F, step_c), lambda: fresh_factor(u, lam, g))

@@ -71,6 +71,21 @@ class LatentGaussian:
 ITERATIVE_GAIN = 1e-4
 #: the forward-difference Hessian's step (relative to max(1, |x|)), see `BFGSOptions`
 FORWARD_FD_STEP = 1e-5
+
+
+def outer_options(options: BFGSOptions, *, iterative: bool, large: bool) -> BFGSOptions:
+    """The outer optimizer's settings for a model's cost, for every path that fits
+    one (`Model`, the profiled LMM): on the linear-cost path a search that gives up
+    within `ITERATIVE_GAIN` of the optimum counts as converged (see `BFGSOptions`);
+    a large model on the exact path takes its finite-difference Hessian by forward
+    differences at step `FORWARD_FD_STEP`, unless the user set ``fd_step``."""
+    if iterative:
+        return eqx.tree_at(lambda o: o.gain_tol, options, max(options.gain_tol, ITERATIVE_GAIN))
+    if large and options.fd_step == BFGSOptions.fd_step:
+        return eqx.tree_at(lambda o: (o.fd_forward, o.fd_step), options, (True, FORWARD_FD_STEP))
+    return options
+
+
 # a fit on the linear-cost path warns when its log-likelihood's Monte Carlo error exceeds this
 ITERATIVE_SE_WARN = 0.01
 
@@ -262,7 +277,7 @@ class Model:
         # salamanders_zinb2), while their runs take a tenth of a second anyway
         lap = self.laplace
         return (lap is not None and self.agq is None and not lap.quadratic
-                and not self._compiler_options and 0 < n_x <= self.PREDICT_MAX_X)
+                and self._large and 0 < n_x <= self.PREDICT_MAX_X)
 
     def _objective_jac(self, x, u0, d):
         if getattr(self, "_objective_jac_jit", None) is None:
@@ -297,20 +312,17 @@ class Model:
         eye = jnp.eye(x.shape[0], dtype=x.dtype)
         return jax.vmap(lambda e: cols(e, e))(eye)
 
+    @property
+    def _large(self) -> bool:
+        """Compiled as a large model (XLA's full optimization, `compile_options`):
+        every evaluation is a pass over much data or sparse factorizations."""
+        return not self._compiler_options
+
     def _outer_options(self):
-        """The optimizer's settings; on the linear-cost path, a search that gives up
-        within `ITERATIVE_GAIN` of the optimum counts as converged (see `BFGSOptions`).
-        A large model (one not compiled as a small one, `compile_options`: each
-        evaluation is a pass over much data, or sparse factorizations) takes its
-        finite-difference Hessian by forward differences at step `FORWARD_FD_STEP`,
-        unless the user set ``fd_step``."""
+        """The optimizer's settings for this model's cost (`outer_options`)."""
         lap = self.laplace
-        opt = self.options
-        if lap is not None and lap.layout.iterative is not None:
-            return eqx.tree_at(lambda o: o.gain_tol, opt, max(opt.gain_tol, ITERATIVE_GAIN))
-        if not self._compiler_options and opt.fd_step == BFGSOptions.fd_step:
-            return eqx.tree_at(lambda o: (o.fd_forward, o.fd_step), opt, (True, FORWARD_FD_STEP))
-        return opt
+        return outer_options(self.options, iterative=lap is not None and lap.layout.iterative is not None,
+                             large=self._large)
 
     def _fit_impl(self, x0, u0, d):
         if self._predicts(x0.shape[0]):

@@ -196,17 +196,12 @@ class ProfiledLMM:
 
     def _polish_options(self):
         """The fit's optimizer settings: a Newton polish on the finite-difference
-        Hessian, which also differences beta (``jac_aux``). As in
-        `Model._outer_options`, a large model (one not compiled as a small one,
-        `compile_options`) on the exact path takes forward differences."""
-        from .._config import compile_options
-        from .._model import FORWARD_FD_STEP
+        Hessian, which also differences beta (``jac_aux``), set for the model's
+        cost as `Model`'s are (`outer_options`)."""
+        from .._model import outer_options
 
-        opt = BFGSOptions(polish=True, jac_aux=self.p, gain_tol=self._gain_tol)
-        large = compile_options(self.template.model.data, self.q) is None
-        if large and self.layout.iterative is None:
-            opt = BFGSOptions(polish=True, jac_aux=self.p, fd_forward=True, fd_step=FORWARD_FD_STEP)
-        return opt
+        return outer_options(BFGSOptions(polish=True, jac_aux=self.p), iterative=self.layout.iterative is not None,
+                             large=self.template.model._large)
 
     @staticmethod
     def _layout_hint(terms, q):
