@@ -27,6 +27,7 @@ import numpy as np
 
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
+from ._programs import ProgramCache
 from ._internal import to_device
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
@@ -161,6 +162,10 @@ class Model:
 
             self.agq = AGQ(self, nagq, groups, latent_gaussian=latent_gaussian)
         self._u_last = u0
+        #: a fingerprint of everything that shapes this model's programs (set by
+        #: `tmbx.glmm`, `tmbx._programs.spec_digest`): the fit's traced program is
+        #: then kept on disk and a later process skips tracing it
+        self._program_key = None
         self._compile()
 
     # ------------------------------------------------------------------ setup
@@ -256,15 +261,20 @@ class Model:
         self._hess = jit(jax.jacfwd(grad))
         # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
         opts = self._compiler_options
-        self._fit_core = TieredJit(self._fit_impl, opts) if opts else jit(self._fit_impl)
+        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit")
+        self._fit_core = TieredJit(fit, opts) if opts else fit
         # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
 
-    def jit(self, fn):
+    def jit(self, fn, program: str | None = None):
         """`jax.jit` with this model's compiler options (`tmbx._config.compile_options`:
-        small models compile faster at XLA's optimization level 0)."""
+        small models compile faster at XLA's optimization level 0); with a
+        ``program`` name, its traced program is kept on disk under the model's
+        `_program_key` (`tmbx._programs.ProgramCache`)."""
         if not hasattr(self, "_compiler_options"):
             self._compiler_options = compile_options(self.data, self.space.n_u)
+        if program is not None:
+            return ProgramCache(fn, lambda: self._program_key, self._compiler_options, name=program)
         return jax.jit(fn, compiler_options=self._compiler_options)
 
     #: the mode predictor (`_vg_predict`) pays one solve with a column per fixed

@@ -29,11 +29,14 @@ import hashlib
 import os
 import threading
 import time
+import weakref
 
 import jax
 
 #: a first run slower than this (seconds) starts the optimized compile
 SLOW = 0.1
+
+_INSTANCES = weakref.WeakSet()
 
 
 def _enabled() -> bool:
@@ -92,10 +95,12 @@ class TieredJit:
     the ``compiler_options`` of the first tier."""
 
     def __init__(self, fn, fast_options):
-        self._jit = jax.jit(fn)
+        # ``fn`` may come with its own ``lower`` (`tmbx._programs.ProgramCache`)
+        self._jit = fn if hasattr(fn, "lower") else jax.jit(fn)
         self._fast = fast_options
         self._programs = {}
         self._lock = threading.Lock()
+        _INSTANCES.add(self)
 
     def lower(self, *args):
         return self._jit.lower(*args)
@@ -124,3 +129,12 @@ class TieredJit:
             if prog.thread is not None:
                 prog.thread.join()
         return time.perf_counter() - t
+
+
+def wait_all() -> float:
+    """`TieredJit.wait` for every tiered program of the process (benchmarks that
+    time optimized programs); returns the seconds waited."""
+    t = time.perf_counter()
+    for jit in list(_INSTANCES):
+        jit.wait()
+    return time.perf_counter() - t

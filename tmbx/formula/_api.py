@@ -63,8 +63,17 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
                           family_needs_trials=getattr(fam, "needs_trials", False))
     template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
                               priors=priors, nagq=nagq, solver=solver)
+    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
+                weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
+                priors=priors, nagq=nagq, method=method, solver=solver, data=data)
     if devices is not None:
         _shard_template(template, devices)
+    else:
+        # the call and its data determine the traced programs: a later process with
+        # the same call reads them from disk instead of tracing (`tmbx._programs`)
+        from .._programs import spec_digest
+
+        template.model._program_key = spec_digest(call)
     lmm = None
     if method == "auto":
         from ._lmm import ProfiledLMM, lmm_applicable
@@ -77,9 +86,6 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
                                                       user_theta=bool(start) and "theta" in start)
         if fit is None:
             fit = template.model.fit()
-    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
-                weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
-                priors=priors, nagq=nagq, method=method, solver=solver, data=data)
     out = GlmmFit(template, fit, formula, call)
     # lme4's "boundary (singular) fit", but naming the term, the direction and what
     # to try; a fit that did not converge is reported with its most likely cause

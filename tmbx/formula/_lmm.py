@@ -543,7 +543,8 @@ class ProfiledLMM:
         """Fit to the data ``D`` (default the model's; ``y``: the centred response
         they were made from, for the start values)."""
         if self._compiled is None:
-            self._compiled = self.template.model.jit(self._fit_rel if self.relative else self._fit_impl)
+            self._compiled = self.template.model.jit(self._fit_rel if self.relative else self._fit_impl,
+                                                     program="lmm_fit")
         D = self.data if D is None else D
         z0 = self.start(user_disp)
         if not self.relative:

@@ -1,0 +1,111 @@
+"""The persistent cache of traced programs (`tmbx._programs`): a later fit of the
+same call reads the fit's program from disk instead of tracing it, gets the same
+answer as a traced fit, and any change to the call or its data is a new key."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tmbx
+from tmbx import _model, _programs
+from tmbx.formula import _lmm
+
+
+@pytest.fixture
+def program_dir(tmp_path, monkeypatch):
+    path = tmp_path / "programs"
+    monkeypatch.setattr(_programs, "_base", lambda: str(path))
+    return path
+
+
+def _count(monkeypatch, cls, name):
+    calls = []
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_spec_digest_changes_with_every_input():
+    df = tmbx.load_dataset("sleepstudy")
+    base = dict(formula="Reaction ~ Days + (Days|Subject)", family="gaussian", data=df, start=None)
+    key = _programs.spec_digest(base)
+    assert key == _programs.spec_digest(dict(base, data=df.copy()))
+    changed = df.copy()
+    changed.loc[5, "Reaction"] += 1e-9
+    reordered = df.copy()
+    reordered["Subject"] = reordered["Subject"].astype("category").cat.reorder_categories(
+        reordered["Subject"].astype("category").cat.categories[::-1])
+    variants = [dict(base, data=changed), dict(base, data=reordered), dict(base, family="poisson"),
+                dict(base, formula="Reaction ~ Days + (1|Subject)"), dict(base, start={"theta": np.zeros(3)}),
+                dict(base, family=tmbx.families.Gamma(link="log"))]
+    keys = {_programs.spec_digest(v) for v in variants}
+    assert key not in keys and len(keys) == len(variants)
+    # a user's own function cannot be fingerprinted: no key, programs traced as usual
+    assert _programs.spec_digest(dict(base, family=lambda y: y)) is None
+
+
+@pytest.mark.parametrize("case", ["laplace", "lmm"])
+def test_second_fit_reads_the_program_and_matches_a_traced_fit(case, program_dir, monkeypatch):
+    if case == "laplace":  # binomial GLMM: the engine's fit program
+        df = tmbx.load_dataset("cbpp")
+        call = dict(formula="cbind(incidence, size - incidence) ~ period + (1|herd)", data=df, family="binomial")
+        traced = (_model.Model, "_fit_impl")
+    else:  # Gaussian: the profiled least-squares program
+        df = tmbx.load_dataset("sleepstudy")
+        call = dict(formula="Reaction ~ Days + (Days|Subject)", data=df, reml=True)
+        traced = (_lmm.ProfiledLMM, "_fit_rel")
+    monkeypatch.setenv("TMBX_PROGRAM_CACHE", "0")
+    plain = tmbx.glmm(**call)  # traced as usual, nothing stored
+    assert not program_dir.exists()
+    monkeypatch.delenv("TMBX_PROGRAM_CACHE")
+
+    traces = _count(monkeypatch, *traced)
+    first = tmbx.glmm(**call)
+    assert traces and len(list(program_dir.glob("*.exported"))) == 1
+    n = len(traces)
+    second = tmbx.glmm(**call)
+    assert len(traces) == n  # read from disk: the fit was not traced again
+    for fit in (first, second):
+        assert fit.loglik == pytest.approx(plain.loglik, abs=1e-9)
+        np.testing.assert_allclose(fit.fixef["cond"], plain.fixef["cond"], rtol=1e-9)
+        for comp, V in plain.vcov().items():
+            np.testing.assert_allclose(fit.vcov()[comp], V, rtol=1e-7)
+
+    # other data of the same shapes: a program of its own, and its own answer
+    df2 = df.copy()
+    if case == "laplace":
+        df2["incidence"] = np.minimum(df2["incidence"] + 1, df2["size"])
+    else:
+        df2["Reaction"] = df2["Reaction"].to_numpy()[np.random.default_rng(0).permutation(len(df2))]
+    other = tmbx.glmm(**dict(call, data=df2))
+    assert len(list(program_dir.glob("*.exported"))) == 2
+    assert abs(other.loglik - plain.loglik) > 1e-3
+
+
+def test_damaged_program_is_traced_again(program_dir, monkeypatch):
+    df = tmbx.load_dataset("cbpp")
+    call = dict(formula="cbind(incidence, size - incidence) ~ period + (1|herd)", data=df, family="binomial")
+    ref = tmbx.glmm(**call)
+    (path,) = program_dir.glob("*.exported")
+    path.write_bytes(b"not a program")
+    traces = _count(monkeypatch, _model.Model, "_fit_impl")
+    again = tmbx.glmm(**call)
+    assert traces and again.loglik == pytest.approx(ref.loglik, abs=1e-9)
+    assert path.stat().st_size > 100  # written anew
+
+
+def test_old_programs_are_evicted(tmp_path, monkeypatch):
+    monkeypatch.setattr(_programs, "MAX_BYTES", 250)
+    for i in range(5):
+        p = tmp_path / f"{i}.exported"
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (1000 + i, 1000 + i))
+    _programs._evict(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("*.exported")) == ["3.exported", "4.exported"]
