@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tmbx
-from tmbx._config import compile_options
+from tmbx._config import FAST_COMPILE, compile_options
 from tmbx._internal import _method_program, eval_method, to_device, unique_sorted
 
 
@@ -52,13 +52,13 @@ def test_eval_method_matches_eager_and_compiles_once_per_shape():
 
 def test_compile_options_by_model_size(monkeypatch):
     monkeypatch.delenv("TMBX_FAST_COMPILE", raising=False)
-    assert compile_options({"y": np.zeros(100)}, 10) == {"xla_backend_optimization_level": 0}
+    assert compile_options({"y": np.zeros(100)}, 10) == FAST_COMPILE
     assert compile_options({"y": np.zeros(10**6)}, 10) is None
     assert compile_options({"y": np.zeros(100)}, 10**5) is None
     monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
     assert compile_options({"y": np.zeros(100)}, 10) is None
     monkeypatch.setenv("TMBX_FAST_COMPILE", "1")
-    assert compile_options({"y": np.zeros(10**6)}, 10**5) == {"xla_backend_optimization_level": 0}
+    assert compile_options({"y": np.zeros(10**6)}, 10**5) == FAST_COMPILE
 
 
 @pytest.mark.parametrize("fast", ["0", "1"])

@@ -40,6 +40,9 @@ MAX_BYTES = 2 * 1024**3
 #: programs larger than this (constants of a multi-million-row design) are not
 #: stored: reading them back costs about what tracing does
 MAX_PROGRAM_BYTES = 256 * 1024**2
+#: arguments larger than this predict such a program (its constants grow with
+#: the rows as the data do): not even exported, which would cost seconds
+MAX_ARGUMENT_BYTES = 256 * 1024**2
 
 
 class Unkeyable(Exception):
@@ -148,6 +151,8 @@ def spec_digest(spec) -> str | None:
 
 def _signature(args) -> str:
     leaves, tree = jax.tree_util.tree_flatten(args)
+    if sum(int(getattr(x, "nbytes", 0)) for x in leaves) > MAX_ARGUMENT_BYTES:
+        raise Unkeyable("arguments too large")
     parts = [str(tree)]
     for x in leaves:
         sharding = getattr(x, "sharding", None)
