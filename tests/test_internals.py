@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tmbx
-from tmbx._config import FAST_COMPILE, compile_options
+from tmbx._config import FAST_COMPILE, compile_options, lmm_compile_options
 from tmbx._internal import _method_program, eval_method, to_device, unique_sorted
 
 
@@ -59,6 +59,15 @@ def test_compile_options_by_model_size(monkeypatch):
     assert compile_options({"y": np.zeros(100)}, 10) is None
     monkeypatch.setenv("TMBX_FAST_COMPILE", "1")
     assert compile_options({"y": np.zeros(10**6)}, 10**5) == FAST_COMPILE
+
+
+def test_lmm_compile_options_by_data_size(monkeypatch):
+    monkeypatch.delenv("TMBX_FAST_COMPILE", raising=False)
+    assert lmm_compile_options({"y": np.zeros(100)}, 10) == FAST_COMPILE
+    assert lmm_compile_options({"y": np.zeros(10**6)}, 10**5) == {"xla_cpu_use_fusion_emitters": False}
+    assert lmm_compile_options({"y": np.zeros(10**7)}, 10**5) is None
+    monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
+    assert lmm_compile_options({"y": np.zeros(10**6)}, 10**5) is None
 
 
 @pytest.mark.parametrize("fast", ["0", "1"])

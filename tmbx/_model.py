@@ -266,16 +266,17 @@ class Model:
         # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
 
-    def jit(self, fn, program: str | None = None):
+    def jit(self, fn, program: str | None = None, compiler_options="model"):
         """`jax.jit` with this model's compiler options (`tmbx._config.compile_options`:
-        small models compile faster at XLA's optimization level 0); with a
-        ``program`` name, its traced program is kept on disk under the model's
-        `_program_key` (`tmbx._programs.ProgramCache`)."""
+        small models compile faster at XLA's optimization level 0) or the given
+        ones; with a ``program`` name, its traced program is kept on disk under the
+        model's `_program_key` (`tmbx._programs.ProgramCache`)."""
         if not hasattr(self, "_compiler_options"):
             self._compiler_options = compile_options(self.data, self.space.n_u)
+        opts = self._compiler_options if compiler_options == "model" else compiler_options
         if program is not None:
-            return ProgramCache(fn, lambda: self._program_key, self._compiler_options, name=program)
-        return jax.jit(fn, compiler_options=self._compiler_options)
+            return ProgramCache(fn, lambda: self._program_key, opts, name=program)
+        return jax.jit(fn, compiler_options=opts)
 
     #: the mode predictor (`_vg_predict`) pays one solve with a column per fixed
     #: parameter each evaluation; beyond this many it costs more than it saves

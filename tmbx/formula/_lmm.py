@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sps
 
+from .._config import lmm_compile_options
 from .._optim import BFGSOptions, bfgs
 from .._internal import eval_method, to_device, unique_sorted
 from .._sparse import choose_layout, for_logdet
@@ -543,8 +544,9 @@ class ProfiledLMM:
         """Fit to the data ``D`` (default the model's; ``y``: the centred response
         they were made from, for the start values)."""
         if self._compiled is None:
-            self._compiled = self.template.model.jit(self._fit_rel if self.relative else self._fit_impl,
-                                                     program="lmm_fit")
+            model = self.template.model
+            self._compiled = model.jit(self._fit_rel if self.relative else self._fit_impl, program="lmm_fit",
+                                       compiler_options=lmm_compile_options(model.data, model.space.n_u))
         D = self.data if D is None else D
         z0 = self.start(user_disp)
         if not self.relative:
