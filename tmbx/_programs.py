@@ -144,7 +144,7 @@ def spec_digest(spec) -> str | None:
     h = hashlib.sha256(environment_digest().encode())
     try:
         _update(h, spec)
-    except Unkeyable:
+    except Exception:  # noqa: BLE001 - Unkeyable, or a column pandas cannot hash: no cache
         return None
     return h.hexdigest()
 
