@@ -74,9 +74,12 @@ class ParamSpace:
             else:
                 idx = np.arange(self.sizes[vec], self.sizes[vec] + size)
                 self.sizes[vec] += size
-                for i in range(size):
-                    self.labels[vec].append(name if len(self.shapes[name]) == 0 else f"{name}[{i}]")
-                    self.first[vec].append((name, i))
+                # (comprehensions: a crossed design has 10^5-10^6 random effects)
+                if len(self.shapes[name]) == 0:
+                    self.labels[vec].append(name)
+                else:
+                    self.labels[vec].extend([f"{name}[{i}]" for i in range(size)])
+                self.first[vec].extend(zip([name] * size, range(size)))
             self.index[name] = idx
 
     @property
@@ -88,7 +91,14 @@ class ParamSpace:
         return self.sizes["u"]
 
     def start(self, vec: str) -> np.ndarray:
-        return np.array([self.starts[n][i] for n, i in self.first[vec]], dtype=np.float64)
+        out = np.empty(self.sizes[vec], np.float64)
+        for name in (self.random if vec == "u" else self.fixed):
+            idx = self.index[name]
+            # each free entry takes the start value of its first element (``map`` levels)
+            pos, first = np.unique(idx, return_index=True)
+            keep = pos >= 0
+            out[pos[keep]] = self.starts[name][first[keep]]
+        return out
 
     def unflatten(self, x, u) -> dict:
         """Named parameters from the x and u vectors: NumPy arrays for NumPy inputs

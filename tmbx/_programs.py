@@ -116,7 +116,7 @@ def _update(h, v) -> None:
         h.update(f"{type(v).__name__}:{dtype}:{len(v)};".encode())
         if isinstance(dtype, pd.CategoricalDtype):
             # level order decides the design's columns; the codes, the values
-            _update(h, list(map(str, dtype.categories)))
+            _update(h, pd.Series(dtype.categories.astype(str)))
             _update(h, bool(dtype.ordered))
             h.update(np.ascontiguousarray(v.cat.codes if isinstance(v, pd.Series) else v.codes).tobytes())
         elif dtype.kind in "biufcMm":
