@@ -27,11 +27,11 @@ import numpy as np
 
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
-from ._programs import ProgramCache
 from ._internal import to_device
 from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
+from ._programs import ProgramCache
 from ._tiered import TieredJit
 
 

@@ -15,7 +15,7 @@ two halves (export/deserialize and the compilation cache) but nothing that
 keys a traced program on what produced it, which only the caller knows; this
 module is that glue.
 
-Programs live in ``<JAX cache dir>/tmbx-programs``; the oldest are removed once
+Programs live in ``<JAX cache dir>/tmbx-programs``; the least recently used go once
 they hold more than `MAX_BYTES`. ``TMBX_PROGRAM_CACHE=0`` turns the cache off
 (and ``TMBX_NO_CACHE`` turns off both caches).
 """
@@ -165,7 +165,7 @@ def _signature(args) -> str:
 def _evict(directory: str) -> None:
     try:
         entries = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".exported")]
-        stats = sorted(((os.stat(p).st_atime, os.stat(p).st_size, p) for p in entries))
+        stats = sorted(((os.stat(p).st_mtime, os.stat(p).st_size, p) for p in entries))
     except OSError:
         return
     total = sum(s for _, s, _ in stats)
@@ -189,7 +189,6 @@ class ProgramCache:
     """
 
     def __init__(self, fn, key, compiler_options=None, name="program"):
-        self._fn = fn
         self._key = key
         self._options = compiler_options
         self._name = name
@@ -216,7 +215,12 @@ class ProgramCache:
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
-                    return export.deserialize(bytearray(f.read()))
+                    exp = export.deserialize(bytearray(f.read()))
+                try:
+                    os.utime(path)  # recently used: evicted last (`_evict`)
+                except OSError:
+                    pass
+                return exp
             except Exception as e:  # noqa: BLE001 - a damaged entry: trace again
                 log.info("tmbx program cache: unreadable %s (%s)", path, e)
         try:
