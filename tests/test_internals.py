@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tmbx
-from tmbx._config import FAST_COMPILE, compile_options, lmm_compile_options
+from tmbx._config import FAST_COMPILE, _known, compile_options, lmm_compile_options
 from tmbx._internal import _method_program, eval_method, to_device, unique_sorted
 
 
@@ -59,6 +59,12 @@ def test_compile_options_by_model_size(monkeypatch):
     assert compile_options({"y": np.zeros(100)}, 10) is None
     monkeypatch.setenv("TMBX_FAST_COMPILE", "1")
     assert compile_options({"y": np.zeros(10**6)}, 10**5) == FAST_COMPILE
+
+
+def test_compile_options_unknown_to_this_xla_are_dropped():
+    # (an option XLA does not know fails every compile with it)
+    assert _known({"xla_backend_optimization_level": 0, "xla_tmbx_no_such_option": False}) == {
+        "xla_backend_optimization_level": 0}
 
 
 def test_lmm_compile_options_by_data_size(monkeypatch):

@@ -6,6 +6,7 @@ compilation cache is enabled too, so a fresh process does not pay XLA's
 compile time again for a model structure it has already seen.
 """
 
+import functools
 import os
 
 
@@ -97,11 +98,28 @@ def compile_options(data, n_u: int):
     else:
         size = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
         small = size <= _SMALL_DATA and n_u <= _SMALL_U
-    return FAST_COMPILE if small else None
+    return _known(FAST_COMPILE) if small else None
 
 
 #: the compiler options of a small model's programs (`compile_options`)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+#: XLA:CPU's fusion emitters off (`lmm_compile_options`)
+NO_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def _known(options: dict) -> dict:
+    """``options`` without those this jaxlib's XLA does not know (the debug
+    options change between versions; an unknown one fails every compile)."""
+    return {k: v for k, v in options.items() if _option_known(k, v)}
+
+
+@functools.cache
+def _option_known(name: str, value) -> bool:
+    try:
+        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={name: value})
+    except Exception:  # noqa: BLE001 - XLA's error for an unknown option
+        return False
+    return True
 
 
 #: profiled least squares (`tmbx.formula._lmm`) on data of at most this many
@@ -122,4 +140,4 @@ def lmm_compile_options(data, n_u: int):
     if opts is not None or os.environ.get("TMBX_FAST_COMPILE") or jax.default_backend() != "cpu":
         return opts
     size = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
-    return {"xla_cpu_use_fusion_emitters": False} if size <= _MID_DATA else None
+    return (_known(NO_FUSION_EMITTERS) or None) if size <= _MID_DATA else None
