@@ -18,6 +18,15 @@ def test_unique_sorted_matches_numpy_unique():
         np.testing.assert_array_equal(unique_sorted(x), np.unique(x))
 
 
+def test_block_upper_pairs_enumerates_each_blocks_upper_triangle():
+    from tmbx._sparse import _block_upper_pairs
+
+    nvalid = np.random.default_rng(3).integers(0, 6, 200)
+    want = [(b, i, j) for b, n in enumerate(nvalid) for i in range(n) for j in range(i, n)]
+    got = list(zip(*(a.tolist() for a in _block_upper_pairs(nvalid))))
+    assert got == want
+
+
 def test_to_device_keeps_values_and_dtypes():
     cases = [(np.arange(5), None, jnp.int64), (np.arange(5), np.int32, jnp.int32),
              (np.ones((2, 3)), None, jnp.float64), ([1.5, 2.5], np.float64, jnp.float64),

@@ -510,6 +510,27 @@ def arrow_solve(lay, Lh, W, b, tail_solve):
     return arrow_scatter(lay, xh, xt)
 
 
+def _block_upper_pairs(nvalid: np.ndarray):
+    """``(block, i, j)`` for every ``i <= j < nvalid[block]``, block by block and
+    row-major within a block. Blocks with the same count share one
+    `np.triu_indices` pattern: a crossed design has 10^5-10^6 blocks but only a
+    few distinct counts, and building the full squares to keep half of them took
+    most of a second at 10^6 rows."""
+    counts = nvalid * (nvalid + 1) // 2
+    offs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    total = int(counts.sum())
+    pb = np.repeat(np.arange(len(nvalid)), counts)
+    pi = np.empty(total, np.int64)
+    pj = np.empty(total, np.int64)
+    for n in np.unique(nvalid[nvalid > 0]):
+        blocks = np.nonzero(nvalid == n)[0]
+        ti, tj = np.triu_indices(int(n))
+        at = (offs[blocks][:, None] + np.arange(ti.size)[None, :]).reshape(-1)
+        pi[at] = np.tile(ti, blocks.size)
+        pj[at] = np.tile(tj, blocks.size)
+    return pb, pi, pj
+
+
 def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
                  iterative=None) -> ArrowLayout:
     """Arrow layout of a symmetric pattern given the tail (dense) index set;
@@ -560,12 +581,7 @@ def arrow_layout(n: int, rows: np.ndarray, cols: np.ndarray, tail: np.ndarray,
     # scatter is a sorted segment sum
     if len(keys):
         nvalid = np.bincount(kb, minlength=m)
-        pb = np.repeat(np.arange(m), nvalid**2)
-        offs = np.concatenate([[0], np.cumsum(nvalid**2)[:-1]])
-        local = np.arange(len(pb)) - offs[pb]
-        pi, pj = local // nvalid[pb], local % nvalid[pb]
-        upper = pi <= pj
-        pb, pi, pj = pb[upper], pi[upper], pj[upper]
+        pb, pi, pj = _block_upper_pairs(nvalid)
         dest = colsarr[pb, pi] * t + colsarr[pb, pj]
         order = np.argsort(dest, kind="stable")
         pair_b, pair_i, pair_j, pair_dest = pb[order], pi[order], pj[order], dest[order]
