@@ -230,7 +230,7 @@ class ProgramCache:
             log.info("tmbx program cache: %s not exported (%s)", self._name, e)
             return None
         if len(blob) <= MAX_PROGRAM_BYTES:
-            directory = os.path.dirname(path)
+            directory, tmp = os.path.dirname(path), None
             try:
                 os.makedirs(directory, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -240,6 +240,8 @@ class ProgramCache:
                 _evict(directory)
             except OSError as e:
                 log.info("tmbx program cache: not written (%s)", e)
+                if tmp is not None and os.path.exists(tmp):
+                    os.remove(tmp)
         return exp
 
     def _callable(self, args):
