@@ -32,7 +32,8 @@ def _count(monkeypatch, cls, name):
     return calls
 
 
-def test_spec_digest_changes_with_every_input():
+def test_spec_digest_changes_with_every_input(monkeypatch):
+    monkeypatch.delenv("TMBX_FAST_COMPILE", raising=False)
     df = tmbx.load_dataset("sleepstudy")
     base = dict(formula="Reaction ~ Days + (Days|Subject)", family="gaussian", data=df, start=None)
     key = _programs.spec_digest(base)
@@ -47,6 +48,11 @@ def test_spec_digest_changes_with_every_input():
                 dict(base, family=tmbx.families.Gamma(link="log"))]
     keys = {_programs.spec_digest(v) for v in variants}
     assert key not in keys and len(keys) == len(variants)
+    # settings read at each call: a process that changes them gets other programs
+    monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
+    assert _programs.spec_digest(base) not in keys | {key}
+    monkeypatch.delenv("TMBX_FAST_COMPILE")
+    assert _programs.spec_digest(base) == key
     # a user's own function cannot be fingerprinted: no key, programs traced as usual
     assert _programs.spec_digest(dict(base, family=lambda y: y)) is None
 

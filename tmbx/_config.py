@@ -96,9 +96,13 @@ def compile_options(data, n_u: int):
     elif jax.default_backend() != "cpu":  # measured on XLA:CPU only; GPU kernels keep -O2
         small = False
     else:
-        size = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
-        small = size <= _SMALL_DATA and n_u <= _SMALL_U
+        small = _data_size(data) <= _SMALL_DATA and n_u <= _SMALL_U
     return _known(FAST_COMPILE) if small else None
+
+
+def _data_size(data) -> int:
+    """How many numbers ``data`` holds."""
+    return sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
 
 
 #: the compiler options of a small model's programs (`compile_options`)
@@ -139,5 +143,4 @@ def lmm_compile_options(data, n_u: int):
     opts = compile_options(data, n_u)
     if opts is not None or os.environ.get("TMBX_FAST_COMPILE") or jax.default_backend() != "cpu":
         return opts
-    size = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))
-    return (_known(NO_FUSION_EMITTERS) or None) if size <= _MID_DATA else None
+    return (_known(NO_FUSION_EMITTERS) or None) if _data_size(data) <= _MID_DATA else None

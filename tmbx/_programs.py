@@ -60,11 +60,19 @@ def _directory():
     return _base()
 
 
-@functools.lru_cache(maxsize=1)
 def environment_digest() -> str:
     """What besides a model's own specification shapes its traced program:
-    tmbx's source (every module of the package and its plug-in libraries), the
-    JAX installation and devices, and the settings that tmbx reads."""
+    tmbx's source, the JAX installation and devices (`_installation_digest`),
+    and the settings that tmbx reads, read at each call (a process may change
+    ``TMBX_FAST_COMPILE`` between fits, and with it the fit's program)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TMBX_") or k == "XLA_FLAGS")
+    return hashlib.sha256(f"{_installation_digest()}|{env!r}|{jax.config.jax_enable_x64}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _installation_digest() -> str:
+    """tmbx's source (every module of the package and its plug-in libraries), the
+    Python, JAX and jaxlib versions and the devices: fixed for a process."""
     import jaxlib
 
     import tmbx
@@ -80,9 +88,8 @@ def environment_digest() -> str:
                     h.update(os.path.relpath(path, root).encode())
                     with open(path, "rb") as f:
                         h.update(f.read())
-    env = {k: v for k, v in os.environ.items() if k.startswith("TMBX_") or k == "XLA_FLAGS"}
     h.update(repr((sys.version, jax.__version__, jaxlib.__version__, jax.default_backend(),
-                   [str(d) for d in jax.devices()], jax.config.jax_enable_x64, sorted(env.items()))).encode())
+                   [str(d) for d in jax.devices()])).encode())
     return h.hexdigest()
 
 

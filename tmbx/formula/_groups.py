@@ -49,7 +49,7 @@ def _all_levels(s: pd.Series) -> tuple[np.ndarray, list[str]]:
         uniq, codes = np.unique(s.to_numpy(float), return_inverse=True)
         if pd.api.types.is_integer_dtype(s):
             return codes.astype(np.int64), r_labels(uniq.astype(np.int64))
-        return codes.astype(np.int64), [r_label(u) for u in uniq]
+        return codes.astype(np.int64), r_labels(uniq)
     labels = s.astype(str).to_numpy()
     uniq, codes = np.unique(labels, return_inverse=True)
     return codes.astype(np.int64), [str(u) for u in uniq]
@@ -60,9 +60,12 @@ def row_labels(s: pd.Series) -> np.ndarray:
     if isinstance(s.dtype, pd.CategoricalDtype):
         cats = np.array(r_labels(s.cat.categories) + [""], dtype=object)
         return cats[s.cat.codes.to_numpy()]
-    if pd.api.types.is_integer_dtype(s):
-        return np.array([str(int(v)) for v in s.to_numpy()], dtype=object)
-    return np.array([r_label(v) for v in s.to_numpy()], dtype=object)
+    values = s.to_numpy()
+    try:  # each distinct value labelled once (newdata may have millions of rows)
+        uniq, inv = np.unique(values, return_inverse=True)
+    except TypeError:  # values NumPy cannot order (None among strings)
+        return np.array([r_label(v) for v in values], dtype=object)
+    return np.array(r_labels(uniq), dtype=object)[inv.reshape(-1)]
 
 
 def group_factor(data: pd.DataFrame, variables: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
@@ -72,12 +75,10 @@ def group_factor(data: pd.DataFrame, variables: tuple[str, ...]) -> tuple[np.nda
     combined = np.ravel_multi_index(codes, sizes) if len(codes) > 1 else codes[0]
     observed, index = np.unique(combined, return_inverse=True)
     parts = np.unravel_index(observed, sizes) if len(codes) > 1 else (observed,)
-    if len(codes) == 1:
-        levels = np.asarray(labels[0], dtype=object)[observed].tolist()
-    else:
-        levels = [":".join(labels[j][parts[j][i]] for j in range(len(codes)))
-                  for i in range(len(observed))]
-    return index.astype(np.int32), levels
+    levels = np.asarray(labels[0], dtype=object)[parts[0]]
+    for j in range(1, len(codes)):  # (elementwise on object arrays: no loop over levels)
+        levels = levels + ":" + np.asarray(labels[j], dtype=object)[parts[j]]
+    return index.astype(np.int32), levels.tolist()
 
 
 def map_groups(data: pd.DataFrame, variables: tuple[str, ...], levels: list[str]) -> np.ndarray:

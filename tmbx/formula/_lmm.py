@@ -191,21 +191,18 @@ class ProfiledLMM:
         self.relative = self.sd_mask is not None
         self._intercepts = self._intercept_terms() if self.relative else None
 
-    @property
-    def _gain_tol(self):
-        """See `BFGSOptions.gain_tol`: nonzero on the linear-cost path only."""
-        from .._model import ITERATIVE_GAIN
-
-        return ITERATIVE_GAIN if self.layout.iterative is not None else 0.0
-
-    def _polish_options(self):
-        """The fit's optimizer settings: a Newton polish on the finite-difference
-        Hessian, which also differences beta (``jac_aux``), set for the model's
-        cost as `Model`'s are (`outer_options`)."""
+    def _options(self, **kw):
+        """Optimizer settings ``BFGSOptions(**kw)`` set for the model's cost as
+        `Model`'s are (`outer_options`)."""
         from .._model import outer_options
 
-        return outer_options(BFGSOptions(polish=True, jac_aux=self.p), iterative=self.layout.iterative is not None,
+        return outer_options(BFGSOptions(**kw), iterative=self.layout.iterative is not None,
                              large=self.template.model._large)
+
+    def _polish_options(self):
+        """The fit's settings: a Newton polish on the finite-difference Hessian,
+        which also differences beta (``jac_aux``)."""
+        return self._options(polish=True, jac_aux=self.p)
 
     @staticmethod
     def _layout_hint(terms, q):
@@ -753,7 +750,7 @@ class ProfiledLMM:
     def _refit_chunks(self, zeta0, stats, rows, size, max_evals, bar=None, hinv0=None):
         key = (size, hinv0 is None)
         if key not in self._compiled_many:
-            options = BFGSOptions(polish=False, gtol=1e-7, gain_tol=self._gain_tol)
+            options = self._options(polish=False, gtol=1e-7)
 
             def one(z0, zty, xty, yty, D, budget, h0):
                 Dy = dict(D, ZtXy=jnp.concatenate([D["ZtXy"][:, :-1], zty[:, None]], axis=1), Xty=xty, yty=yty)
