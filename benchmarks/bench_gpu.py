@@ -13,7 +13,11 @@ stopped at its time limit keeps what it finished):
   donor intercept; `bench_genes.genes_frame`, drawn in memory), a first call
   (compilation included) and a second one;
 - ``glmm``: `bench_glmm.py` with tmbx alone (cold and warm persistent cache,
-  a fresh process each) on ``--glmm-cases``.
+  a fresh process each) on ``--glmm-cases``;
+- ``trace``: where the time of one fit goes, on ``--trace-case``: the jitted
+  pieces of one Laplace evaluation at the optimum (`_profile.profile_model`),
+  then a `jax.profiler` trace of one objective+gradient and of one refit,
+  summed by kernel name per device stream (the ``--top`` largest).
 
 The CPU figures to compare with come from the same functions on the CPU
 (``bench_genes.py --genes 20000 --no-peers --inproc``; ``bench_inference.py
@@ -27,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +53,8 @@ def main():
     ap.add_argument("--genes", type=int, default=20_000)
     ap.add_argument("--cells", type=int, default=5_000)
     ap.add_argument("--glmm-cases", default="ladder_single_1e5,ladder_crossed_1e5,ladder_crossbin_1e5,insteval_crossed")
+    ap.add_argument("--trace-case", default="ladder_crossbin_1e5")
+    ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     sections = args.sections.split(",")
@@ -75,11 +82,74 @@ def main():
         res = time_glmm_batch(df, device=None)
         res["loglik_finite"] = int(sum(v == v and abs(v) < float("inf") for v in res.pop("loglik").values()))
         _write(args.out, "genes", dict(cells=args.cells, generate_seconds=gen, **res))
+    if "trace" in sections:
+        _write(args.out, "trace", trace_case(args.trace_case, args.top))
     if "glmm" in sections:
         out = os.path.join(args.out, "glmm.json")
         r = subprocess.run([sys.executable, os.path.join(HERE, "bench_glmm.py"), "--cases", args.glmm_cases,
                             "--tools", "tmbx_cold,tmbx_warm", "--out", out], capture_output=True, text=True)
         print(r.stdout[-4000:], r.stderr[-2000:], flush=True)
+
+
+def _kernel_totals(trace_dir: str, top: int) -> dict:
+    """Sum a perfetto trace's complete events by name, per process (device stream or host)."""
+    import glob
+    import gzip
+    from collections import defaultdict
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    paths += sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not paths:
+        return {"error": f"no trace file under {trace_dir}"}
+    events = json.load(gzip.open(paths[-1]))
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    pname = {e["pid"]: e.get("args", {}).get("name", str(e["pid"]))
+             for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tot = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            t = tot[pname.get(e.get("pid"), str(e.get("pid")))][e.get("name", "?")]
+            t[0] += float(e["dur"]) * 1e-6
+            t[1] += 1
+    out = {}
+    for proc, names in tot.items():
+        rows = sorted(names.items(), key=lambda kv: -kv[1][0])
+        out[proc] = dict(total_seconds=sum(v[0] for v in names.values()), events=sum(v[1] for v in names.values()),
+                         top=[(k, round(v[0], 6), v[1]) for k, v in rows[:top]])
+    return out
+
+
+def trace_case(case_id: str, top: int) -> dict:
+    import jax
+
+    import tmbx
+    from _profile import profile_model
+    from bench_glmm import _read_frame, load_cases
+
+    case = load_cases()[case_id]
+    df = tmbx.load_dataset(case["dataset"]) if case["source"] == "reference" else _read_frame(case)
+    kw = dict(family=case["family"], ziformula=case["ziformula"], dispformula=case["dispformula"], reml=case["REML"])
+    t = time.perf_counter()
+    fit = tmbx.glmm(case["python_formula"], df, **kw)
+    res = dict(case=case_id, first_seconds=time.perf_counter() - t, loglik=float(fit.loglik),
+               layout=getattr(getattr(fit.model.laplace, "layout", None), "kind", None))
+    t = time.perf_counter()
+    fit.refit()
+    res["refit_seconds"] = time.perf_counter() - t
+    res["pieces"] = profile_model(fit.model, fit._fit.x, fit._fit.u)
+    m = fit.model
+    x, u = jax.numpy.asarray(fit._fit.x), jax.numpy.asarray(fit._fit.u)
+    vg = jax.jit(m._vg)
+    jax.block_until_ready(vg(x, u, m.data))
+    for name, call in (("value_grad", lambda: jax.block_until_ready(vg(x, u, m.data))),
+                       ("refit", lambda: fit.refit())):
+        d = tempfile.mkdtemp(prefix=f"tmbx-trace-{name}-")  # deep folders: keep them out of --out
+        t = time.perf_counter()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            call()
+        res[f"{name}_traced_seconds"] = time.perf_counter() - t
+        res[f"{name}_kernels"] = _kernel_totals(d, top)
+    return res
 
 
 if __name__ == "__main__":

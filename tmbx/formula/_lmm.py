@@ -150,7 +150,8 @@ class ProfiledLMM:
         # compiled program (constants of ~10^7 entries cost seconds of compilation)
         self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup",
                                           "tail_rows", "tail_cols", "tail_diag", "pair_seg", "tail_seg",
-                                          "off_rows", "off_cols", "ent_b", "ent_c", "ent_t", "ent_perm", "ent_t_sorted")
+                                          "off_rows", "off_cols", "ent_b", "ent_c", "ent_t", "ent_flat", "ent_perm",
+                                          "ent_t_sorted")
                               if np.size(getattr(self.layout, a, None)) > 10_000]
 
         self.data = dict(
@@ -256,19 +257,21 @@ class ProfiledLMM:
         a = T[D["e_term"], D["e_col"]]  # (E, kmax): the row of T_s that entry e's row column feeds
         b = T[D["f_term"], D["f_col"]]
         contrib = D["ZtZ"][:, None, None] * a[:, :, None] * b[:, None, :]
-        flat = jnp.zeros(self.layout.size + 1).at[D["slots"]].add(contrib) + D["pad"]
+        # flat index arrays throughout (see `tmbx._sparse._coupled_to_tail`)
+        flat = jnp.zeros(self.layout.size + 1).at[D["slots"].reshape(-1)].add(contrib.reshape(-1)) + D["pad"]
         return flat.at[D["diag"]].add(jnp.exp(d))[:-1]
 
     def _lam(self, T, V, D):
         """Lambda V: from u (rows urow) to b (the b numbering), V of shape (q, r)."""
         Vp = jnp.concatenate([V, jnp.zeros((1,) + V.shape[1:])])
         Tr = T[D["r_term"], D["r_col"]]  # (q, kmax)
-        return jnp.einsum("qc,qcr->qr", Tr, Vp[D["urow"]])
+        return jnp.einsum("qc,qcr->qr", Tr, Vp[D["urow"].reshape(-1)].reshape(Tr.shape + V.shape[1:]))
 
     def _lam_t(self, T, M, D):
         """Lambda' M: from b rows to u rows, M of shape (q, r)."""
         Tr = T[D["r_term"], D["r_col"]]
-        return jnp.zeros((self.q + 1, M.shape[1])).at[D["urow"]].add(Tr[:, :, None] * M[:, None, :])[:-1]
+        upd = (Tr[:, :, None] * M[:, None, :]).reshape(-1, M.shape[1])
+        return jnp.zeros((self.q + 1, M.shape[1])).at[D["urow"].reshape(-1)].add(upd)[:-1]
 
     def _quad(self, B, C, D):
         """B' Z'WZ C over the stored cross-product entries (b numbering)."""
