@@ -73,11 +73,16 @@ def test_second_fit_reads_the_program_and_matches_a_traced_fit(case, program_dir
     monkeypatch.delenv("TMBX_PROGRAM_CACHE")
 
     traces = _count(monkeypatch, *traced)
+    loads = []
+    load = _programs._load
+    monkeypatch.setattr(_programs, "_load", lambda entry: (load(entry), loads.append(entry.lowered is not None)))
     first = tmbx.glmm(**call)
-    assert traces and len(list(program_dir.glob("*.exported"))) == 1
+    assert traces and len(list(program_dir.glob("*.exported"))) == 1 and not loads
     n = len(traces)
     second = tmbx.glmm(**call)
     assert len(traces) == n  # read from disk: the fit was not traced again
+    # ... and loaded in the background while the design was built, then taken
+    assert loads == [True] and not _programs._PREFETCH
     for fit in (first, second):
         assert fit.loglik == pytest.approx(plain.loglik, abs=1e-9)
         np.testing.assert_allclose(fit.fixef["cond"], plain.fixef["cond"], rtol=1e-9)

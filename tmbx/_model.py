@@ -261,7 +261,7 @@ class Model:
         self._hess = jit(jax.jacfwd(grad))
         # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
         opts = self._compiler_options
-        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit")
+        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit", tiered=opts or None)
         self._fit_core = TieredJit(fit, opts) if opts else fit
         # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))

@@ -15,6 +15,12 @@ two halves (export/deserialize and the compilation cache) but nothing that
 keys a traced program on what produced it, which only the caller knows; this
 module is that glue.
 
+Loading the compiled executable from JAX's cache still costs a fresh process
+about 0.2 s for a fit program (XLA rebuilds the program's module and buffer
+assignment), whatever its size. `prefetch` starts that in a background thread
+as soon as the call's key is known, before the design matrices are built, so
+the two overlap; the file names begin with the key for it to find them.
+
 Programs live in ``<JAX cache dir>/tmbx-programs``; the least recently used go once
 they hold more than `MAX_BYTES`. ``TMBX_PROGRAM_CACHE=0`` turns the cache off
 (and ``TMBX_NO_CACHE`` turns off both caches).
@@ -23,7 +29,9 @@ they hold more than `MAX_BYTES`. ``TMBX_PROGRAM_CACHE=0`` turns the cache off
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -182,8 +190,111 @@ def _evict(directory: str) -> None:
         try:
             os.remove(path)
             total -= size
+            os.remove(path + ".json")
         except OSError:
             pass
+
+
+#: KEY_CHARS characters of the call's key begin its programs' file names
+KEY_CHARS = 32
+
+
+class _Prefetch:
+    """One program being read and loaded in the background (`prefetch`)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.done = threading.Event()
+        self.jitted = self.lowered = self.fast = None
+
+
+_PREFETCH: dict[str, _Prefetch] = {}
+_FAST: dict[int, object] = {}  # id(lowered) -> its prefetched first-tier executable
+_PREFETCH_LOCK = threading.Lock()
+
+
+def prefetch(key: str | None) -> None:
+    """Start reading and loading, in background threads, the programs stored
+    under the call key ``key`` (a `spec_digest`), for `ProgramCache` to pick up.
+    Nothing happens for a key with no stored programs."""
+    directory = _directory()
+    if directory is None or key is None:
+        return
+    for path in glob.glob(os.path.join(directory, f"{key[:KEY_CHARS]}-*.exported")):
+        with _PREFETCH_LOCK:
+            if path in _PREFETCH:
+                continue
+            entry = _PREFETCH[path] = _Prefetch(path)
+        # not a daemon: shutdown waits for XLA instead of tearing it down mid-load
+        threading.Thread(target=_load, args=(entry,), name="tmbx-prefetch").start()
+
+
+def _load(entry: _Prefetch) -> None:
+    """Deserialize a stored program, lower it at its argument shapes and compile
+    it: XLA's persistent cache supplies the executable, which the lowering keeps
+    (``Lowered.compile()`` caches it). A program that `tmbx._tiered` would run at
+    its first tier first (never optimized before) gets that tier's executable."""
+    from jax import export
+
+    from ._tiered import optimized_before
+
+    try:
+        with open(entry.path + ".json") as f:
+            meta = json.load(f)
+        with open(entry.path, "rb") as f:
+            exp = export.deserialize(bytearray(f.read()))
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in exp.in_avals]
+        args, kwargs = jax.tree_util.tree_unflatten(exp.in_tree, specs)
+        jitted = jax.jit(exp.call, compiler_options=meta.get("options"))
+        lowered = jitted.lower(*args, **kwargs)
+        fast = meta.get("fast")
+        if fast is not None and not optimized_before(lowered)[1]:
+            entry.fast = lowered.compile(compiler_options=fast)
+        else:
+            lowered.compile()
+        entry.jitted, entry.lowered = jitted, lowered
+    except Exception as e:  # noqa: BLE001 - the caller reads and compiles as usual
+        log.info("tmbx program cache: prefetch of %s failed (%s)", entry.path, e)
+    finally:
+        entry.done.set()
+
+
+def _take_prefetched(path: str) -> _Prefetch | None:
+    with _PREFETCH_LOCK:
+        entry = _PREFETCH.pop(path, None)
+    if entry is None:
+        return None
+    entry.done.wait()
+    if entry.lowered is None:
+        return None
+    if entry.fast is not None:
+        _FAST[id(entry.lowered)] = entry.fast
+    return entry
+
+
+def prefetched_fast(lowered):
+    """The first-tier executable `prefetch` compiled for ``lowered``, if any."""
+    return _FAST.pop(id(lowered), None)
+
+
+class _Prefetched:
+    """A prefetched program as `ProgramCache` hands it out: ``lower`` gives the
+    prefetched lowering (its arguments' shapes are in the file's key), a call
+    runs its compiled executable."""
+
+    def __init__(self, entry: _Prefetch):
+        self._jitted, self._lowered, self._compiled = entry.jitted, entry.lowered, None
+
+    def lower(self, *args):
+        return self._lowered
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self._lowered.compile()
+        try:
+            return self._compiled(*args)
+        except (TypeError, ValueError):  # arguments placed unlike the lowering's: jit decides
+            return self._jitted(*args)
 
 
 class ProgramCache:
@@ -195,9 +306,10 @@ class ProgramCache:
     of their own, as `jax.jit` gives them.
     """
 
-    def __init__(self, fn, key, compiler_options=None, name="program"):
+    def __init__(self, fn, key, compiler_options=None, name="program", tiered=None):
         self._key = key
         self._options = compiler_options
+        self._tiered = tiered  # the first tier's options, where `tmbx._tiered` compiles it
         self._name = name
         self._jit = jax.jit(fn, compiler_options=compiler_options)
         self._calls = {}
@@ -212,7 +324,7 @@ class ProgramCache:
         except Unkeyable:
             return None
         digest = hashlib.sha256(f"{key}|{self._name}|{self._options}|{sig}".encode()).hexdigest()
-        return os.path.join(directory, digest + ".exported")
+        return os.path.join(directory, f"{key[:KEY_CHARS]}-{digest}.exported")
 
     def _exported(self, path, args):
         """The program for ``args``: read from ``path``, else traced, exported and
@@ -240,6 +352,8 @@ class ProgramCache:
             directory, tmp = os.path.dirname(path), None
             try:
                 os.makedirs(directory, exist_ok=True)
+                with open(path + ".json", "w") as f:  # what `prefetch` compiles it with
+                    json.dump(dict(options=self._options, fast=self._tiered), f)
                 fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
                 with os.fdopen(fd, "wb") as f:
                     f.write(blob)
@@ -260,8 +374,12 @@ class ProgramCache:
             with self._lock:
                 call = self._calls.get(path)
                 if call is None:
-                    exp = self._exported(path, args)
-                    call = self._jit if exp is None else jax.jit(exp.call, compiler_options=self._options)
+                    entry = _take_prefetched(path)
+                    if entry is not None:
+                        call = _Prefetched(entry)
+                    else:
+                        exp = self._exported(path, args)
+                        call = self._jit if exp is None else jax.jit(exp.call, compiler_options=self._options)
                     self._calls[path] = call
         return call
 

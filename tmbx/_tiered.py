@@ -55,19 +55,29 @@ def _signature(args):
     return tree, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in leaves)
 
 
+def optimized_before(lowered):
+    """(fingerprint, whether its optimized program was compiled before, in this or
+    another process) for a lowered program; (None, False) without markers."""
+    marks = _marker_dir() if _enabled() else None
+    if marks is None:
+        return None, False
+    text = lowered.as_text()
+    key = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{text}".encode()).hexdigest()
+    return key, os.path.exists(os.path.join(marks, key))
+
+
 class _Program:
     def __init__(self, lowered, fast_options):
+        from ._programs import prefetched_fast
+
         self.lowered = lowered
-        self.key = None
-        marks = _marker_dir() if _enabled() else None
-        if marks is not None:
-            text = lowered.as_text()
-            self.key = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{text}".encode()).hexdigest()
-            if os.path.exists(os.path.join(marks, self.key)):
-                # optimized before, in this or another process: from the persistent cache
-                self.compiled, self.optimized, self.thread = lowered.compile(), True, None
-                return
-        self.compiled = lowered.compile(compiler_options=fast_options)
+        self.key, before = optimized_before(lowered)
+        if before:
+            # from the persistent cache (or already loaded by `tmbx._programs.prefetch`)
+            self.compiled, self.optimized, self.thread = lowered.compile(), True, None
+            return
+        fast = prefetched_fast(lowered)
+        self.compiled = fast if fast is not None else lowered.compile(compiler_options=fast_options)
         self.optimized, self.thread = False, None
 
     def start_optimizing(self):

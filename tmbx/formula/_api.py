@@ -58,22 +58,27 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     if ziformula is not None and ziformula.replace(" ", "") in ("~0", "~-1+0", ""):
         ziformula = None
     fam = resolve_family(family, ziformula is not None)
+    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
+                weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
+                priors=priors, nagq=nagq, method=method, solver=solver, data=data)
+    key = None
+    if devices is None:
+        # the call and its data determine the traced programs: a later process with
+        # the same call reads them from disk instead of tracing, and starts loading
+        # them now, while the design is built (`tmbx._programs`)
+        from .._programs import prefetch, spec_digest
+
+        key = spec_digest(call)
+        prefetch(key)
     design = build_design(formula, data, ziformula=ziformula, dispformula=dispformula,
                           weights=weights, offset=offset, na_action=na_action,
                           family_needs_trials=getattr(fam, "needs_trials", False))
     template = build_template(design, fam, reml=reml, start=start, map=map, layout=layout,
                               priors=priors, nagq=nagq, solver=solver)
-    call = dict(formula=formula, family=family, ziformula=ziformula, dispformula=dispformula, reml=reml,
-                weights=weights, offset=offset, start=start, map=map, na_action=na_action, layout=layout,
-                priors=priors, nagq=nagq, method=method, solver=solver, data=data)
     if devices is not None:
         _shard_template(template, devices)
     else:
-        # the call and its data determine the traced programs: a later process with
-        # the same call reads them from disk instead of tracing (`tmbx._programs`)
-        from .._programs import spec_digest
-
-        template.model._program_key = spec_digest(call)
+        template.model._program_key = key
     lmm = None
     if method == "auto":
         from ._lmm import ProfiledLMM, lmm_applicable
