@@ -4,6 +4,7 @@ compiler options chosen per model size."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
 import tmbx
@@ -253,3 +254,31 @@ def test_tiered_compilation(tmp_path, monkeypatch):
     assert next(iter(t2._programs.values())).optimized  # loaded optimized for its first call
     # another shape is another program
     assert float(t2(jnp.zeros(3), {"w": jnp.ones(3)})) == 0.0 and len(t2._programs) == 2
+
+
+def test_fit_program_takes_the_index_arrays_as_arguments():
+    """The Laplace machinery's large index arrays (per-observation Hessian slots,
+    the arrow layout's coupling pairs) go into the fit program as arguments, not
+    as constants: the same fit, from a program a fraction of the size."""
+    from tmbx._laplace import INDEX_KEY
+
+    rng = np.random.default_rng(1)
+    n = 12000
+    a, b = rng.integers(0, 3000, n), rng.integers(0, 30, n)
+    eta = 0.8 * rng.normal(size=3000)[a] + 0.5 * rng.normal(size=30)[b]
+    df = pd.DataFrame(dict(a=pd.Categorical(a), b=pd.Categorical(b), x=rng.normal(size=n)))
+    df["y"] = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
+    fit = tmbx.glmm("y ~ x + (1|a) + (1|b)", df, family="binomial")
+    m = fit.model
+    lap = m.laplace
+    idx = lap.index_data()
+    assert lap.layout.kind == "arrow"
+    assert {"hessian.obs_slots", "layout.pair_b", "layout.ent_t"} <= set(idx)
+    x0, u0 = m._starts(None)
+    with_idx = dict(m.data, **{INDEX_KEY: idx})
+    consts = jax.tree_util.tree_map(np.asarray, m._fit_core(x0, u0, m.data))
+    assert float(consts["f"]) == pytest.approx(-fit.loglik, abs=1e-8)
+    np.testing.assert_allclose(consts["x"], fit._fit.x, rtol=1e-7, atol=1e-9)
+    small = len(jax.jit(m._fit_impl).lower(x0, u0, with_idx).as_text())
+    large = len(jax.jit(m._fit_impl).lower(x0, u0, m.data).as_text())
+    assert small < large / 3

@@ -27,6 +27,7 @@ finite-differenced.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import equinox as eqx
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._internal import batched_like, to_device
-from ._sparse import for_logdet
+from ._sparse import INDEX_MIN_SIZE, for_logdet
 
 # Inner-solve status codes (data, so they survive jit and vmap).
 INNER_OK = 0
@@ -83,15 +84,40 @@ class InnerOptions(eqx.Module):
     max_halvings: int = 40
 
 
+#: the data key under which a program receives the Laplace machinery's index
+#: arrays (`Laplace.index_data`); the template's functions never see it
+INDEX_KEY = "_tmbx_index"
+#: `tmbx._hessian.LatentGaussianHessian` index arrays that its evaluation reads
+#: through jax operations only
+HESSIAN_TRACEABLE = ("ent", "prd", "obs_slots", "jcolor_of_entry", "jrows", "jseeds")
+
+
+def _strip(data):
+    if isinstance(data, dict) and INDEX_KEY in data:
+        return {k: v for k, v in data.items() if k != INDEX_KEY}
+    return data
+
+
 class Laplace:
-    """Laplace machinery for one template: ``f(x, u, data)`` and a Hessian evaluator."""
+    """Laplace machinery for one template: ``f(x, u, data)`` and a Hessian evaluator.
+
+    Its large index arrays (the Hessian's per-observation slots, the layout's
+    coupling pairs: ~10^7 integers at 10^6 crossed rows) are constants of every
+    program that evaluates it, unless the data carry them under `INDEX_KEY`
+    (`index_data`): the fit program takes them so, which keeps it small (at
+    1e6 crossed Bernoulli rows the cached executable was 82 MB, 2.3 s to load,
+    and XLA spent seconds folding the constants)."""
 
     def __init__(self, f, hessian, n_u: int, options: InnerOptions = InnerOptions(),
                  quadratic: bool = False):
         self.quadratic = quadratic
-        self.f = f
+        self.f = lambda x, u, data: f(x, u, _strip(data))
         self.hessian = hessian
         self.layout = hessian.layout
+        big = lambda obj, names: [a for a in names if np.size(getattr(obj, a, None)) > INDEX_MIN_SIZE]
+        self._hessian_index = big(hessian, HESSIAN_TRACEABLE) if hasattr(hessian, "obs_slots") else []
+        self._layout_index = big(self.layout, getattr(self.layout, "TRACEABLE", ()))
+        self._bound = {}
         self.n_u = n_u
         self.options = options
         # the layout's padding (ones on the diagonal of unused block positions) is
@@ -106,16 +132,50 @@ class Laplace:
         self.marginal = self._make_marginal()
         self._marginal_jac = None
 
+    # -- index arrays as data ---------------------------------------------
+    def index_data(self) -> dict:
+        """The large index arrays, for a program's data under `INDEX_KEY`."""
+        out = {f"hessian.{a}": getattr(self.hessian, a) for a in self._hessian_index}
+        out.update({f"layout.{a}": to_device(getattr(self.layout, a)) for a in self._layout_index})
+        return out
+
+    def _parts(self, data):
+        """(Hessian evaluator, layout) reading their index arrays from ``data``
+        where it carries them (copies: the originals keep their constants).
+
+        One pair of copies per index dictionary: a factorization carried through
+        a loop or a conditional holds its layout as static metadata, which must
+        be the same object in every branch and iteration of one trace. Entries
+        hold their dictionary, so that its id is not reused while remembered."""
+        idx = data.get(INDEX_KEY) if isinstance(data, dict) else None
+        if not idx:
+            return self.hessian, self.layout
+        hit = self._bound.get(id(idx))
+        if hit is not None and hit[0] is idx:
+            return hit[1], hit[2]
+        lay = copy.copy(self.layout)
+        for a in self._layout_index:
+            setattr(lay, a, idx[f"layout.{a}"])
+        hes = copy.copy(self.hessian)
+        hes.layout = lay
+        for a in self._hessian_index:
+            setattr(hes, a, idx[f"hessian.{a}"])
+        self._bound[id(idx)] = (idx, hes, lay)
+        while len(self._bound) > 16:
+            self._bound.pop(next(iter(self._bound)))
+        return hes, lay
+
     # -- pieces -----------------------------------------------------------
     def grad_u(self, x, u, data):
         return jax.grad(self.f, argnums=1)(x, u, data)
 
     def flat(self, x, u, data):
         """``H`` in the layout's flat storage (padding added, dummy slot dropped)."""
-        return self.hessian(x, u, data).at[self._pad_slots].add(self._pad_values)[:-1]
+        hessian = self._parts(data)[0]
+        return hessian(x, u, _strip(data)).at[self._pad_slots].add(self._pad_values)[:-1]
 
     def factor(self, x, u, data, damping=0.0):
-        return self.layout.factor(self.flat(x, u, data).at[self._diag].add(damping))
+        return self._parts(data)[1].factor(self.flat(x, u, data).at[self._diag].add(damping))
 
     # -- inner Newton ------------------------------------------------------
     def newton(self, x, u0, data):
@@ -223,10 +283,10 @@ class Laplace:
         return u_star
 
     # -- the marginal -------------------------------------------------------
-    def _at_mode(self, fval, flat, status):
+    def _at_mode(self, fval, flat, status, layout):
         """Value of the marginal at the mode (``fval = f(x, u*)``, ``flat = H``) and
         the status after the singularity check; also the factorization of ``H``."""
-        F = for_logdet(self.layout.factor(flat))
+        F = for_logdet(layout.factor(flat))
         val = fval + 0.5 * F._logdet() - 0.5 * self.n_u * math.log(2 * math.pi)
         piv = jax.lax.stop_gradient(jnp.abs(F.pivots()))
         singular = jnp.min(piv) ** 2 < 1e-14 * jnp.max(piv) ** 2
@@ -244,7 +304,7 @@ class Laplace:
         @jax.custom_jvp
         def marginal(x, u0, data):
             u, status = lap.u_star(x, u0, data)
-            val, status, F = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status)
+            val, status, F = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status, lap._parts(data)[1])
             return (val, u, status, jac(x, u, data, F)) if with_jac else (val, u, status)
 
         @marginal.defjvp
@@ -258,7 +318,7 @@ class Laplace:
             # values for both the value and the tangent
             fval, f_lin = jax.linearize(lap.f, x, u, data)
             flat, flat_lin = jax.linearize(lap.flat, x, u, data)
-            val, status, F = lap._at_mode(fval, flat, status)
+            val, status, F = lap._at_mode(fval, flat, status, lap._parts(data)[1])
             # du* = -H^-1 (d grad_u f)[dx]
             _, rhs = jax.jvp(lambda xx, dd: lap.grad_u(xx, u, dd), (x, data), (dx, ddata))
             du = -F.solve(rhs)

@@ -28,7 +28,7 @@ import numpy as np
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
 from ._internal import to_device
-from ._laplace import INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
+from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
 from ._programs import ProgramCache
@@ -96,6 +96,12 @@ def _as_data(data):
         return {}
     return jax.tree_util.tree_map(to_device, data)
 
+
+
+def _sharded(data) -> bool:
+    """Whether any array of ``data`` is split over several devices."""
+    return any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1
+               for a in jax.tree_util.tree_leaves(data))
 
 class Model:
     """A template model: ``nll(p, d)`` with ``p`` a dict of named parameters.
@@ -380,10 +386,22 @@ class Model:
     def fit(self, start: dict | None = None) -> "Fit":
         """Maximize the Laplace marginal likelihood; returns a `Fit`."""
         x0, u0 = self._starts(start)
-        res = jax.tree_util.tree_map(np.asarray, self._fit_core(x0, u0, self.data))
+        res = self.run_fit(x0, u0, self.data)
         fit = Fit(self, self.data, res)
         fit._warn()
         return fit
+
+    def run_fit(self, x0, u0, data) -> dict:
+        """The compiled fit from ``(x0, u0)`` on ``data`` (the model's or a new
+        response's), results as NumPy. The Laplace machinery's large index arrays
+        go in as arguments (`tmbx._laplace.Laplace.index_data`), not as constants
+        of the program; not where the data are sharded over devices."""
+        lap = self.laplace
+        if lap is not None and isinstance(data, dict) and not _sharded(data):
+            idx = lap.index_data()
+            if idx:
+                data = dict(data, **{INDEX_KEY: idx})
+        return jax.tree_util.tree_map(np.asarray, self._fit_core(x0, u0, data))
 
     def _starts(self, start):
         if start is None:

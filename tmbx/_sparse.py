@@ -129,6 +129,12 @@ def _logdet_jvp(layout, primals, tangents):
     return F._logdet(), jnp.sum(F.logdet_grad() * dflat)
 
 
+#: index arrays above this many entries travel as a program's arguments rather
+#: than as its constants (constants of ~10^7 entries cost seconds of compilation
+#: and make the cached executable tens of megabytes)
+INDEX_MIN_SIZE = 10_000
+
+
 class _Layout:
     """Plain (non-pytree) static description; fields set by keyword."""
 
@@ -242,6 +248,12 @@ class ArrowLayout(_Layout):
     # pattern only (sorted keys row * t + col, both triangles, the diagonal
     # always) instead of densely
     tail_keys = None
+    #: index arrays that traced code reads only through jax operations: a program
+    #: may take them as arguments instead of embedding them as constants
+    #: (`tmbx._laplace.Laplace.index_data`, `tmbx.formula._lmm`)
+    TRACEABLE = ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup", "ent_t", "ent_flat",
+                 "tail_rows", "tail_cols", "tail_diag", "pair_seg", "tail_seg", "off_rows", "off_cols",
+                 "ent_b", "ent_c", "ent_perm", "ent_t_sorted")
 
     @property
     def kind(self) -> str:

@@ -416,7 +416,7 @@ class GlmmFit:
             model = self.model
             data = dict(model.data, y=jnp.asarray(y))
             x0, u0 = model._starts(None)
-            fit = Fit(model, data, jax.tree_util.tree_map(np.asarray, model._fit_core(x0, u0, data)))
+            fit = Fit(model, data, model.run_fit(x0, u0, data))
             fit._warn()
         template = self.template if newresp is None else dc.replace(self.template, design=dc.replace(design, y=y))
         return GlmmFit(template, fit, self.formula, dict(self.call))

@@ -48,7 +48,7 @@ import scipy.sparse as sps
 from .._config import lmm_compile_options
 from .._optim import BFGSOptions, bfgs
 from .._internal import eval_method, to_device, unique_sorted
-from .._sparse import choose_layout, for_logdet
+from .._sparse import INDEX_MIN_SIZE, choose_layout, for_logdet
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -148,11 +148,8 @@ class ProfiledLMM:
         pad = np.concatenate([self.layout.padding(), [0.0]])
         # the layout's large index arrays travel as data, not as constants of the
         # compiled program (constants of ~10^7 entries cost seconds of compilation)
-        self._traced_attrs = [a for a in ("pair_b", "pair_i", "pair_j", "pair_dest", "cols", "ncoup",
-                                          "tail_rows", "tail_cols", "tail_diag", "pair_seg", "tail_seg",
-                                          "off_rows", "off_cols", "ent_b", "ent_c", "ent_t", "ent_flat", "ent_perm",
-                                          "ent_t_sorted")
-                              if np.size(getattr(self.layout, a, None)) > 10_000]
+        self._traced_attrs = [a for a in getattr(self.layout, "TRACEABLE", ())
+                              if np.size(getattr(self.layout, a, None)) > INDEX_MIN_SIZE]
 
         self.data = dict(
             ZtZ=to_device(ZtZ.data), e_r=to_device(r, np.int32), e_s=to_device(s, np.int32),
