@@ -348,13 +348,19 @@ def _profile_fit(model) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from tmbx._laplace import INDEX_KEY
+
     x0, u0 = model._starts(None)
     out = {}
+    # the data as `Model.run_fit` passes them: with the Laplace index arrays
+    data = model.data
+    if model.laplace is not None and model.laplace.index_data():
+        data = dict(data, **{INDEX_KEY: model.laplace.index_data()})
     # a new function object: jax's in-memory caches (keyed on the function) miss, so
     # this traces and compiles afresh (the persistent cache is off in tmbx_cold)
     fresh = jax.jit(lambda x, u, d: model._fit_impl(x, u, d))
     t = time.perf_counter()
-    lowered = fresh.lower(x0, u0, model.data)
+    lowered = fresh.lower(x0, u0, data)
     out["fit_trace_lower_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()
@@ -362,19 +368,19 @@ def _profile_fit(model) -> dict:
     runs = []
     for _ in range(3):
         t = time.perf_counter()
-        r = jax.block_until_ready(compiled(x0, u0, model.data))
+        r = jax.block_until_ready(compiled(x0, u0, data))
         runs.append(time.perf_counter() - t)
     out["fit_run_seconds"] = statistics.median(runs)
     out["outer_iterations"] = int(r["iterations"])
     x = jnp.asarray(r["x"])
     u = jnp.asarray(r["u"])
     t = time.perf_counter()
-    vg = jax.jit(lambda x, u, d: model._vg(x, u, d)).lower(x, u, model.data).compile()
+    vg = jax.jit(lambda x, u, d: model._vg(x, u, d)).lower(x, u, data).compile()
     out["value_grad_lower_compile_seconds"] = time.perf_counter() - t
     runs = []
     for _ in range(5):
         t = time.perf_counter()
-        jax.block_until_ready(vg(x, u, model.data))
+        jax.block_until_ready(vg(x, u, data))
         runs.append(time.perf_counter() - t)
     out["value_grad_run_seconds"] = statistics.median(runs)
     try:

@@ -89,7 +89,7 @@ class InnerOptions(eqx.Module):
 INDEX_KEY = "_tmbx_index"
 #: `tmbx._hessian.LatentGaussianHessian` index arrays that its evaluation reads
 #: through jax operations only
-HESSIAN_TRACEABLE = ("ent", "prd", "obs_slots", "jcolor_of_entry", "jrows", "jseeds")
+HESSIAN_TRACEABLE = ("ent", "prd", "obs_slots", "lat_slots", "jcolor_of_entry", "jrows", "jseeds")
 
 
 def _strip(data):
@@ -137,6 +137,8 @@ class Laplace:
         """The large index arrays, for a program's data under `INDEX_KEY`."""
         out = {f"hessian.{a}": getattr(self.hessian, a) for a in self._hessian_index}
         out.update({f"layout.{a}": to_device(getattr(self.layout, a)) for a in self._layout_index})
+        if out and self._diag.size > INDEX_MIN_SIZE:
+            out["diag"] = self._diag
         return out
 
     def _parts(self, data):
@@ -175,7 +177,9 @@ class Laplace:
         return hessian(x, u, _strip(data)).at[self._pad_slots].add(self._pad_values)[:-1]
 
     def factor(self, x, u, data, damping=0.0):
-        return self._parts(data)[1].factor(self.flat(x, u, data).at[self._diag].add(damping))
+        idx = data.get(INDEX_KEY, {}) if isinstance(data, dict) else {}
+        diag = idx.get("diag", self._diag)
+        return self._parts(data)[1].factor(self.flat(x, u, data).at[diag].add(damping))
 
     # -- inner Newton ------------------------------------------------------
     def newton(self, x, u0, data):

@@ -519,19 +519,39 @@ def _head_index(lay):
     return h, int(pad.sum())
 
 
+def _run_start(idx) -> int | None:
+    """``s`` where ``idx == s + arange(len(idx))`` (a slice does), else None."""
+    idx = np.asarray(idx)
+    if idx.size and idx[0] >= 0 and np.array_equal(idx, idx[0] + np.arange(idx.size)):
+        return int(idx[0])
+    return None
+
+
 def arrow_gather(lay, b):
-    """``b`` (n, ...) split into head blocks (m, k, ...) and tail (t, ...)."""
+    """``b`` (n, ...) split into head blocks (m, k, ...) and tail (t, ...): slices
+    where the head and the tail are runs of consecutive indices, as for crossed
+    factors' levels (index arrays there are constants the size of the levels)."""
     h, npad = _head_index(lay)
-    if npad:
-        b = jnp.concatenate([b, jnp.zeros((npad,) + b.shape[1:], b.dtype)])
-    return b[h].reshape(lay.head.shape + b.shape[1:]), b[lay.tail]
+    sh, st = _run_start(h), _run_start(lay.tail)
+    if sh is not None:
+        bh = b[sh:sh + h.size]
+    else:
+        bh = (jnp.concatenate([b, jnp.zeros((npad,) + b.shape[1:], b.dtype)]) if npad else b)[h]
+    bt = b[st:st + lay.t] if st is not None else b[lay.tail]
+    return bh.reshape(lay.head.shape + b.shape[1:]), bt
 
 
 def arrow_scatter(lay, xh, xt):
     """The inverse of `arrow_gather`."""
     h, npad = _head_index(lay)
-    out = jnp.zeros((lay.n + npad,) + xh.shape[2:], xh.dtype)
-    out = out.at[h].set(xh.reshape((h.size,) + xh.shape[2:]), unique_indices=True)
+    xh = xh.reshape((h.size,) + xh.shape[2:])
+    sh, st = _run_start(h), _run_start(lay.tail)
+    if sh == 0 and st == h.size and h.size + lay.t == lay.n:
+        return jnp.concatenate([xh, xt])
+    if st == 0 and sh == lay.t and h.size + lay.t == lay.n:
+        return jnp.concatenate([xt, xh])
+    out = jnp.zeros((lay.n + npad,) + xh.shape[1:], xh.dtype)
+    out = out.at[h].set(xh, unique_indices=True)
     out = out.at[lay.tail].set(xt, unique_indices=True)
     return out[: lay.n]
 
