@@ -282,3 +282,17 @@ def test_fit_program_takes_the_index_arrays_as_arguments():
     small = len(jax.jit(m._fit_impl).lower(x0, u0, with_idx).as_text())
     large = len(jax.jit(m._fit_impl).lower(x0, u0, m.data).as_text())
     assert small < large / 3
+
+
+def test_order_by_row_matches_a_two_key_sort():
+    """J's entries ordered by (row, column): the stable one-key sort when the
+    columns come in order within rows (the formula layer's listing), the two-key
+    sort otherwise."""
+    from tmbx._hessian import _order_by_row
+
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([np.arange(50), np.arange(50)])  # term by term, rows in order
+    cols = np.concatenate([rng.integers(0, 10, 50), 10 + rng.integers(0, 5, 50)])
+    np.testing.assert_array_equal(_order_by_row(rows, cols), np.lexsort((cols, rows)))
+    swapped = np.concatenate([cols[50:], cols[:50]])  # a row's columns out of order
+    np.testing.assert_array_equal(_order_by_row(rows, swapped), np.lexsort((swapped, rows)))

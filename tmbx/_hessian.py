@@ -41,6 +41,18 @@ def _seeds(colors: np.ndarray, num_colors: int) -> np.ndarray:
     return S
 
 
+def _order_by_row(obs, col):
+    """The permutation that sorts entries by (obs, col). The formula layer lists
+    J's entries term by term, each in row order, so a stable sort by row alone
+    (a merge of already sorted runs) usually leaves each row's columns in order
+    too: checked, with a full two-key sort otherwise (4x slower at 10^6 rows)."""
+    order = np.argsort(obs, kind="stable")
+    o, c = obs[order], col[order]
+    if np.all((o[1:] > o[:-1]) | (c[1:] > c[:-1])):
+        return order
+    return np.lexsort((col, obs))
+
+
 def _slots_with_dummy(layout, rows, cols):
     slots = layout.slots(rows, cols)
     return np.where(slots < 0, layout.size, slots).astype(np.int32)
@@ -114,7 +126,7 @@ class LatentGaussianHessian:
             self.lat = ColoredHessianPart(lat, u0).bind(latent_nll)
         # per-observation nonzeros of J: (N, R) indices into J's value vector
         obs, pred = jr // self.K, jr % self.K
-        order = np.lexsort((jc, obs))
+        order = _order_by_row(obs, jc)
         counts = np.bincount(obs, minlength=self.N)
         R = int(counts.max()) if len(counts) else 0
         start = np.concatenate([[0], np.cumsum(counts)[:-1]])
