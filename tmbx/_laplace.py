@@ -118,6 +118,7 @@ class Laplace:
         self._hessian_index = big(hessian, HESSIAN_TRACEABLE) if hasattr(hessian, "obs_slots") else []
         self._layout_index = big(self.layout, getattr(self.layout, "TRACEABLE", ()))
         self._bound = {}
+        self._index = None
         self.n_u = n_u
         self.options = options
         # the layout's padding (ones on the diagonal of unused block positions) is
@@ -134,12 +135,15 @@ class Laplace:
 
     # -- index arrays as data ---------------------------------------------
     def index_data(self) -> dict:
-        """The large index arrays, for a program's data under `INDEX_KEY`."""
-        out = {f"hessian.{a}": getattr(self.hessian, a) for a in self._hessian_index}
-        out.update({f"layout.{a}": to_device(getattr(self.layout, a)) for a in self._layout_index})
-        if out and self._diag.size > INDEX_MIN_SIZE:
-            out["diag"] = self._diag
-        return out
+        """The large index arrays, for a program's data under `INDEX_KEY` (on the
+        device, once: a refit passes the same arrays)."""
+        if self._index is None:
+            out = {f"hessian.{a}": getattr(self.hessian, a) for a in self._hessian_index}
+            out.update({f"layout.{a}": to_device(getattr(self.layout, a)) for a in self._layout_index})
+            if out and self._diag.size > INDEX_MIN_SIZE:
+                out["diag"] = self._diag
+            self._index = out
+        return self._index
 
     def _parts(self, data):
         """(Hessian evaluator, layout) reading their index arrays from ``data``

@@ -209,7 +209,7 @@ class _Prefetch:
 
 
 _PREFETCH: dict[str, _Prefetch] = {}
-_FAST: dict[int, object] = {}  # id(lowered) -> its prefetched first-tier executable
+_FAST: dict[int, tuple] = {}  # id(lowered) -> (lowered, its prefetched first-tier executable)
 _PREFETCH_LOCK = threading.Lock()
 
 
@@ -268,13 +268,14 @@ def _take_prefetched(path: str) -> _Prefetch | None:
     if entry.lowered is None:
         return None
     if entry.fast is not None:
-        _FAST[id(entry.lowered)] = entry.fast
+        _FAST[id(entry.lowered)] = (entry.lowered, entry.fast)
     return entry
 
 
 def prefetched_fast(lowered):
     """The first-tier executable `prefetch` compiled for ``lowered``, if any."""
-    return _FAST.pop(id(lowered), None)
+    held, fast = _FAST.pop(id(lowered), (None, None))
+    return fast if held is lowered else None
 
 
 class _Prefetched:
