@@ -406,6 +406,34 @@ def test_layouts_factorize_like_dense_linear_algebra(kind):
     assert abs(float(dlogdet) - np.trace(Ainv @ dA)) < 1e-10
 
 
+def test_arrow_with_tail_first_and_a_padded_last_block():
+    """Head and tail indexed by slices where they are runs of consecutive indices,
+    here with the padding's dummies extending the head's run (tail {0, 1}, head
+    blocks {2, 3}, {4, 5}, {6} padded to 2): solve, its transpose, the inverse's
+    diagonal and the log-determinant against NumPy."""
+    from tmbx._sparse import _head_index, _run_start, arrow_layout
+
+    n = 7
+    A = np.eye(n) * 5.0
+    for i, j in [(2, 3), (4, 5)]:
+        A[i, j] = A[j, i] = 1.0
+    A[2:, :2] = 0.3
+    A[:2, 2:] = 0.3
+    r, c = np.nonzero(A)
+    lay = arrow_layout(n, r, c, np.array([0, 1]))
+    assert _run_start(_head_index(lay)[0]) == 2 and _head_index(lay)[1] == 1
+    sl = lay.slots(r, c)
+    keep = sl >= 0
+    flat = jnp.asarray(lay.padding()).at[sl[keep]].add(A[r[keep], c[keep]])
+    F = lay.factor(flat)
+    b = np.random.default_rng(0).normal(size=n)
+    x, vjp = jax.vjp(F.solve, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(A, b), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(b))[0]), np.linalg.solve(A, b), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(F.diag_inverse()), np.diag(np.linalg.inv(A)), atol=1e-12)
+    assert abs(float(F.logdet()) - np.linalg.slogdet(A)[1]) < 1e-12
+
+
 def _index_ops(jaxpr, out):
     """(primitive, operand shape, indices shape) of every gather and scatter in a
     jaxpr, sub-jaxprs (loops, conditionals, custom rules) included."""

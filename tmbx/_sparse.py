@@ -533,10 +533,9 @@ def arrow_gather(lay, b):
     factors' levels (index arrays there are constants the size of the levels)."""
     h, npad = _head_index(lay)
     sh, st = _run_start(h), _run_start(lay.tail)
-    if sh is not None:
-        bh = b[sh:sh + h.size]
-    else:
-        bh = (jnp.concatenate([b, jnp.zeros((npad,) + b.shape[1:], b.dtype)]) if npad else b)[h]
+    # (padding's dummies extend the run when the head's last block is padded)
+    bpad = jnp.concatenate([b, jnp.zeros((npad,) + b.shape[1:], b.dtype)]) if npad else b
+    bh = bpad[sh:sh + h.size] if sh is not None else bpad[h]
     bt = b[st:st + lay.t] if st is not None else b[lay.tail]
     return bh.reshape(lay.head.shape + b.shape[1:]), bt
 
