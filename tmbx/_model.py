@@ -396,7 +396,7 @@ class Model:
         response's), results as NumPy. The Laplace machinery's large index arrays
         go in as arguments (`tmbx._laplace.Laplace.index_data`), not as constants
         of the program; not where the data are sharded over devices."""
-        lap = self.laplace
+        lap = self.laplace if self.agq is None else None  # (quadrature reads the template's data)
         if lap is not None and isinstance(data, dict) and not _sharded(data):
             idx = lap.index_data()
             if idx:
