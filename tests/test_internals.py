@@ -296,3 +296,12 @@ def test_order_by_row_matches_a_two_key_sort():
     np.testing.assert_array_equal(_order_by_row(rows, cols), np.lexsort((cols, rows)))
     swapped = np.concatenate([cols[50:], cols[:50]])  # a row's columns out of order
     np.testing.assert_array_equal(_order_by_row(rows, swapped), np.lexsort((swapped, rows)))
+
+
+def test_stable_argsort_matches_numpys_stable_sort():
+    from tmbx._sparse import _stable_argsort
+
+    rng = np.random.default_rng(0)
+    for n, hi in [(0, 1), (1, 1), (5000, 7), (20000, 10**6)]:  # many ties, then few
+        a = rng.integers(0, hi, n).astype(np.int32)
+        np.testing.assert_array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))
