@@ -5,7 +5,6 @@ import json
 import math
 import os
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ answer as a traced fit, and any change to the call or its data is a new key."""
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import tmbx

@@ -27,7 +27,6 @@ finite-differenced.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import equinox as eqx
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._internal import batched_like, to_device
-from ._sparse import INDEX_MIN_SIZE, for_logdet
+from ._sparse import INDEX_MIN_SIZE, for_logdet, large_arrays, with_arrays
 
 # Inner-solve status codes (data, so they survive jit and vmap).
 INNER_OK = 0
@@ -114,9 +113,8 @@ class Laplace:
         self.f = lambda x, u, data: f(x, u, _strip(data))
         self.hessian = hessian
         self.layout = hessian.layout
-        big = lambda obj, names: [a for a in names if np.size(getattr(obj, a, None)) > INDEX_MIN_SIZE]
-        self._hessian_index = big(hessian, HESSIAN_TRACEABLE) if hasattr(hessian, "obs_slots") else []
-        self._layout_index = big(self.layout, getattr(self.layout, "TRACEABLE", ()))
+        self._hessian_index = large_arrays(hessian, HESSIAN_TRACEABLE) if hasattr(hessian, "obs_slots") else []
+        self._layout_index = large_arrays(self.layout, getattr(self.layout, "TRACEABLE", ()))
         self._bound = {}
         self._index = None
         self.n_u = n_u
@@ -146,30 +144,26 @@ class Laplace:
         return self._index
 
     def _parts(self, data):
-        """(Hessian evaluator, layout) reading their index arrays from ``data``
-        where it carries them (copies: the originals keep their constants).
+        """(Hessian evaluator, layout, diagonal slots) reading their index arrays
+        from ``data`` where it carries them (copies: the originals keep their
+        constants).
 
-        One pair of copies per index dictionary: a factorization carried through
+        One set of copies per index dictionary: a factorization carried through
         a loop or a conditional holds its layout as static metadata, which must
         be the same object in every branch and iteration of one trace. Entries
         hold their dictionary, so that its id is not reused while remembered."""
         idx = data.get(INDEX_KEY) if isinstance(data, dict) else None
         if not idx:
-            return self.hessian, self.layout
+            return self.hessian, self.layout, self._diag
         hit = self._bound.get(id(idx))
         if hit is not None and hit[0] is idx:
-            return hit[1], hit[2]
-        lay = copy.copy(self.layout)
-        for a in self._layout_index:
-            setattr(lay, a, idx[f"layout.{a}"])
-        hes = copy.copy(self.hessian)
-        hes.layout = lay
-        for a in self._hessian_index:
-            setattr(hes, a, idx[f"hessian.{a}"])
-        self._bound[id(idx)] = (idx, hes, lay)
+            return hit[1:]
+        lay = with_arrays(self.layout, {a: idx[f"layout.{a}"] for a in self._layout_index})
+        hes = with_arrays(self.hessian, {"layout": lay, **{a: idx[f"hessian.{a}"] for a in self._hessian_index}})
+        self._bound[id(idx)] = (idx, hes, lay, idx.get("diag", self._diag))
         while len(self._bound) > 16:
             self._bound.pop(next(iter(self._bound)))
-        return hes, lay
+        return self._bound[id(idx)][1:]
 
     # -- pieces -----------------------------------------------------------
     def grad_u(self, x, u, data):
@@ -181,9 +175,8 @@ class Laplace:
         return hessian(x, u, _strip(data)).at[self._pad_slots].add(self._pad_values)[:-1]
 
     def factor(self, x, u, data, damping=0.0):
-        idx = data.get(INDEX_KEY, {}) if isinstance(data, dict) else {}
-        diag = idx.get("diag", self._diag)
-        return self._parts(data)[1].factor(self.flat(x, u, data).at[diag].add(damping))
+        _, layout, diag = self._parts(data)
+        return layout.factor(self.flat(x, u, data).at[diag].add(damping))
 
     # -- inner Newton ------------------------------------------------------
     def newton(self, x, u0, data):

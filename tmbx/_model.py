@@ -15,10 +15,9 @@ batches (`fit_batch`, by `vmap`) and simulations.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import equinox as eqx
 import jax

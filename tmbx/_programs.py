@@ -205,11 +205,11 @@ class _Prefetch:
     def __init__(self, path):
         self.path = path
         self.done = threading.Event()
-        self.jitted = self.lowered = self.fast = None
+        self.jitted = self.lowered = self.fast = self.marker = None
 
 
 _PREFETCH: dict[str, _Prefetch] = {}
-_FAST: dict[int, tuple] = {}  # id(lowered) -> (lowered, its prefetched first-tier executable)
+_TIER: dict[int, tuple] = {}  # id(lowered) -> (lowered, its tier marker, its first-tier executable)
 _PREFETCH_LOCK = threading.Lock()
 
 
@@ -248,7 +248,9 @@ def _load(entry: _Prefetch) -> None:
         jitted = jax.jit(exp.call, compiler_options=meta.get("options"))
         lowered = jitted.lower(*args, **kwargs)
         fast = meta.get("fast")
-        if fast is not None and not optimized_before(lowered)[1]:
+        if fast is not None:  # `tmbx._tiered`'s choice, made here once
+            entry.marker = optimized_before(lowered)
+        if fast is not None and not entry.marker[1]:
             entry.fast = lowered.compile(compiler_options=fast)
         else:
             lowered.compile()
@@ -267,15 +269,17 @@ def _take_prefetched(path: str) -> _Prefetch | None:
     entry.done.wait()
     if entry.lowered is None:
         return None
-    if entry.fast is not None:
-        _FAST[id(entry.lowered)] = (entry.lowered, entry.fast)
+    if entry.marker is not None:
+        _TIER[id(entry.lowered)] = (entry.lowered, entry.marker, entry.fast)
     return entry
 
 
-def prefetched_fast(lowered):
-    """The first-tier executable `prefetch` compiled for ``lowered``, if any."""
-    held, fast = _FAST.pop(id(lowered), (None, None))
-    return fast if held is lowered else None
+def prefetched_tier(lowered):
+    """``(marker, first-tier executable or None)`` that `prefetch` found for a
+    tiered program's ``lowered`` (`tmbx._tiered.optimized_before`'s answer, so
+    that it is not computed twice), or None."""
+    held, marker, fast = _TIER.pop(id(lowered), (None, None, None))
+    return (marker, fast) if held is lowered else None
 
 
 class _Prefetched:

@@ -41,6 +41,7 @@ second derivatives.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -133,6 +134,21 @@ def _logdet_jvp(layout, primals, tangents):
 #: than as its constants (constants of ~10^7 entries cost seconds of compilation
 #: and make the cached executable tens of megabytes)
 INDEX_MIN_SIZE = 10_000
+
+
+def large_arrays(obj, names) -> list[str]:
+    """Those of ``obj``'s attributes ``names`` that hold more than `INDEX_MIN_SIZE`
+    entries: the ones a program takes as arguments (`with_arrays`)."""
+    return [a for a in names if np.size(getattr(obj, a, None)) > INDEX_MIN_SIZE]
+
+
+def with_arrays(obj, arrays: dict):
+    """A shallow copy of ``obj`` (a layout, a Hessian evaluator) whose attributes
+    ``arrays`` names are replaced, inside a trace, by the program's arguments."""
+    out = copy.copy(obj)
+    for name, value in arrays.items():
+        setattr(out, name, value)
+    return out
 
 
 class _Layout:

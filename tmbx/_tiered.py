@@ -68,15 +68,15 @@ def optimized_before(lowered):
 
 class _Program:
     def __init__(self, lowered, fast_options):
-        from ._programs import prefetched_fast
+        from ._programs import prefetched_tier
 
         self.lowered = lowered
-        self.key, before = optimized_before(lowered)
+        pre = prefetched_tier(lowered)  # loaded in the background (`tmbx._programs.prefetch`)
+        (self.key, before), fast = pre if pre is not None else (optimized_before(lowered), None)
         if before:
-            # from the persistent cache (or already loaded by `tmbx._programs.prefetch`)
+            # from the persistent cache (or already loaded by the prefetch)
             self.compiled, self.optimized, self.thread = lowered.compile(), True, None
             return
-        fast = prefetched_fast(lowered)
         self.compiled = fast if fast is not None else lowered.compile(compiler_options=fast_options)
         self.optimized, self.thread = False, None
 

@@ -37,7 +37,6 @@ parameterization, `profiled_rel`); otherwise over ``(theta, d)``.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import jax
@@ -48,7 +47,7 @@ import scipy.sparse as sps
 from .._config import lmm_compile_options
 from .._optim import BFGSOptions, bfgs
 from .._internal import eval_method, to_device, unique_sorted
-from .._sparse import INDEX_MIN_SIZE, choose_layout, for_logdet
+from .._sparse import choose_layout, for_logdet, large_arrays, with_arrays
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -148,8 +147,7 @@ class ProfiledLMM:
         pad = np.concatenate([self.layout.padding(), [0.0]])
         # the layout's large index arrays travel as data, not as constants of the
         # compiled program (constants of ~10^7 entries cost seconds of compilation)
-        self._traced_attrs = [a for a in getattr(self.layout, "TRACEABLE", ())
-                              if np.size(getattr(self.layout, a, None)) > INDEX_MIN_SIZE]
+        self._traced_attrs = large_arrays(self.layout, getattr(self.layout, "TRACEABLE", ()))
 
         self.data = dict(
             ZtZ=to_device(ZtZ.data), e_r=to_device(r, np.int32), e_s=to_device(s, np.int32),
@@ -244,10 +242,7 @@ class ProfiledLMM:
         """The layout with its large index arrays taken from ``D`` (see __init__)."""
         if not self._traced_attrs:
             return self.layout
-        lay = copy.copy(self.layout)
-        for a in self._traced_attrs:
-            setattr(lay, a, D["layout"][a])
-        return lay
+        return with_arrays(self.layout, {a: D["layout"][a] for a in self._traced_attrs})
 
     def _H(self, T, d, D):
         """The latent Hessian times sigma^2 in the layout's flat storage."""
