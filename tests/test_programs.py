@@ -78,11 +78,16 @@ def test_second_fit_reads_the_program_and_matches_a_traced_fit(case, program_dir
     first = tmbx.glmm(**call)
     assert traces and len(list(program_dir.glob("*.exported"))) == 1 and not loads
     n = len(traces)
+    _programs._LIVE.clear()  # what a new process starts with
     second = tmbx.glmm(**call)
     assert len(traces) == n  # read from disk: the fit was not traced again
     # ... and loaded in the background while the design was built, then taken
     assert loads == [True] and not _programs._PREFETCH
-    for fit in (first, second):
+    # the same call again in this process: the compiled program it already has,
+    # neither traced, nor read, nor loaded
+    third = tmbx.glmm(**call)
+    assert len(traces) == n and loads == [True] and not _programs._PREFETCH
+    for fit in (first, second, third):
         assert fit.loglik == pytest.approx(plain.loglik, abs=1e-9)
         np.testing.assert_allclose(fit.fixef["cond"], plain.fixef["cond"], rtol=1e-9)
         for comp, V in plain.vcov().items():
@@ -105,10 +110,27 @@ def test_damaged_program_is_traced_again(program_dir, monkeypatch):
     ref = tmbx.glmm(**call)
     (path,) = program_dir.glob("*.exported")
     path.write_bytes(b"not a program")
+    _programs._LIVE.clear()  # a new process
     traces = _count(monkeypatch, _model.Model, "_fit_impl")
     again = tmbx.glmm(**call)
     assert traces and again.loglik == pytest.approx(ref.loglik, abs=1e-9)
     assert path.stat().st_size > 100  # written anew
+
+
+def test_same_call_in_one_process_reuses_its_programs(monkeypatch):
+    """Without any cache on disk, a second identical call runs the first call's
+    compiled programs (a notebook cell run again), and any change to the call is
+    traced afresh."""
+    monkeypatch.setenv("TMBX_PROGRAM_CACHE", "0")
+    df = tmbx.load_dataset("cbpp")
+    call = dict(formula="cbind(incidence, size - incidence) ~ period + (1|herd)", data=df, family="binomial")
+    traces = _count(monkeypatch, _model.Model, "_fit_impl")
+    first = tmbx.glmm(**call)
+    n = len(traces)
+    again = tmbx.glmm(**call)
+    assert n and len(traces) == n and again.loglik == first.loglik
+    other = tmbx.glmm(**dict(call, formula="cbind(incidence, size - incidence) ~ 1 + (1|herd)"))
+    assert len(traces) > n and other.loglik < first.loglik
 
 
 def test_old_programs_are_evicted(tmp_path, monkeypatch):

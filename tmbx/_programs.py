@@ -28,6 +28,7 @@ they hold more than `MAX_BYTES`. ``TMBX_PROGRAM_CACHE=0`` turns the cache off
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import hashlib
@@ -221,8 +222,9 @@ def prefetch(key: str | None) -> None:
     if directory is None or key is None:
         return
     for path in glob.glob(os.path.join(directory, f"{key[:KEY_CHARS]}-*.exported")):
+        pid = os.path.basename(path)[KEY_CHARS + 1:-len(".exported")]
         with _PREFETCH_LOCK:
-            if path in _PREFETCH:
+            if path in _PREFETCH or pid in _LIVE:  # loading, or running in this process
                 continue
             entry = _PREFETCH[path] = _Prefetch(path)
         # not a daemon: shutdown waits for XLA instead of tearing it down mid-load
@@ -282,6 +284,43 @@ def prefetched_tier(lowered):
     return (marker, fast) if held is lowered else None
 
 
+#: programs of this process by `ProgramCache.program_id`, the most recently used
+#: last: a second `tmbx.glmm` call with the same arguments and data (a notebook
+#: cell run again) runs the first call's compiled programs, without tracing,
+#: loading or compiling; a program's callable may hold its first model's data
+#: alive, hence the bound
+_LIVE: collections.OrderedDict = collections.OrderedDict()
+LIVE_PROGRAMS = 16
+
+
+def _live_get(pid):
+    with _PREFETCH_LOCK:
+        call = _LIVE.get(pid)
+        if call is not None:
+            _LIVE.move_to_end(pid)
+        return call
+
+
+def _live_put(pid, call) -> None:
+    with _PREFETCH_LOCK:
+        _LIVE[pid] = call
+        _LIVE.move_to_end(pid)
+        while len(_LIVE) > LIVE_PROGRAMS:
+            _LIVE.popitem(last=False)
+
+
+def shared(pid, make):
+    """The process's object for program ``pid`` (None: not shared), made by
+    ``make()`` the first time (`tmbx._tiered` keeps its compiled tiers so)."""
+    if pid is None:
+        return make()
+    obj = _live_get(("shared", pid))
+    if obj is None:
+        obj = make()
+        _live_put(("shared", pid), obj)
+    return obj
+
+
 class _Prefetched:
     """A prefetched program as `ProgramCache` hands it out: ``lower`` gives the
     prefetched lowering (its arguments' shapes are in the file's key), a call
@@ -320,16 +359,24 @@ class ProgramCache:
         self._calls = {}
         self._lock = threading.Lock()
 
-    def _path(self, args):
-        directory, key = _directory(), self._key()
-        if directory is None or key is None:
+    def program_id(self, args) -> str | None:
+        """What identifies this program at ``args``' shapes across models (the
+        call key, the program's name and options, the arguments' signature), or
+        None where the owner gave no key."""
+        key = self._key()
+        if key is None:
             return None
         try:
             sig = _signature(args)
         except Unkeyable:
             return None
-        digest = hashlib.sha256(f"{key}|{self._name}|{self._options}|{sig}".encode()).hexdigest()
-        return os.path.join(directory, f"{key[:KEY_CHARS]}-{digest}.exported")
+        return hashlib.sha256(f"{key}|{self._name}|{self._options}|{sig}".encode()).hexdigest()
+
+    def _path(self, pid):
+        directory = _directory()
+        if directory is None or pid is None:
+            return None
+        return os.path.join(directory, f"{self._key()[:KEY_CHARS]}-{pid}.exported")
 
     def _exported(self, path, args):
         """The program for ``args``: read from ``path``, else traced, exported and
@@ -371,22 +418,27 @@ class ProgramCache:
         return exp
 
     def _callable(self, args):
-        path = self._path(args)
-        if path is None:
+        pid = self.program_id(args)
+        if pid is None:
             return self._jit
-        call = self._calls.get(path)
+        call = self._calls.get(pid)
         if call is None:
             with self._lock:
-                call = self._calls.get(path)
+                call = self._calls.get(pid)
                 if call is None:
-                    entry = _take_prefetched(path)
-                    if entry is not None:
-                        call = _Prefetched(entry)
-                    else:
-                        exp = self._exported(path, args)
-                        call = self._jit if exp is None else jax.jit(exp.call, compiler_options=self._options)
-                    self._calls[path] = call
+                    call = self._calls[pid] = _live_get(pid) or self._new_callable(pid, args)
+                    _live_put(pid, call)
         return call
+
+    def _new_callable(self, pid, args):
+        path = self._path(pid)
+        if path is None:
+            return self._jit
+        entry = _take_prefetched(path)
+        if entry is not None:
+            return _Prefetched(entry)
+        exp = self._exported(path, args)
+        return self._jit if exp is None else jax.jit(exp.call, compiler_options=self._options)
 
     def lower(self, *args):
         return self._callable(args).lower(*args)

@@ -122,7 +122,12 @@ class TieredJit:
             with self._lock:
                 prog = self._programs.get(sig)
                 if prog is None:
-                    prog = self._programs[sig] = _Program(self._jit.lower(*args), self._fast)
+                    # a second model with the same program (`tmbx._programs.shared`)
+                    # takes the first one's compiled tiers
+                    from ._programs import shared
+
+                    pid = self._jit.program_id(args) if hasattr(self._jit, "program_id") else None
+                    prog = self._programs[sig] = shared(pid, lambda: _Program(self._jit.lower(*args), self._fast))
         if prog.optimized or prog.thread is not None:
             return prog.compiled(*args)  # swapped for the optimized program once it is ready
         t = time.perf_counter()
