@@ -364,10 +364,14 @@ def _lattice_matrix(rng, n):
 
 
 @pytest.mark.parametrize("kind", ["dense", "arrow_k1", "arrow_k2", "arrow_wide", "banded"])
-def test_layouts_factorize_like_dense_linear_algebra(kind):
+def test_layouts_factorize_like_dense_linear_algebra(kind, monkeypatch):
     """Every layout's factor against NumPy. ``arrow_wide``: a tail of 260 levels,
-    above `_dense.BLOCK`, so it goes through the recursive blocking."""
+    above `_dense.BLOCK` (set to 128 here), so it goes through the recursive
+    blocking, two levels deep."""
+    from tmbx import _dense
     from tmbx._sparse import DenseLayout, arrow_layout, banded_layout
+
+    monkeypatch.setattr(_dense, "BLOCK", 128)
 
     rng = np.random.default_rng(0)
     if kind == "banded":
@@ -501,14 +505,17 @@ def test_every_fixed_parameter_held_by_map():
     assert fit.loglik == pytest.approx(st.multivariate_normal(np.full(24, 0.3), V).logpdf(y), abs=1e-9)
 
 
-@pytest.mark.parametrize("n", [5, 300])
-def test_dense_inverse_from_cholesky_factor(n):
+@pytest.mark.parametrize("n", [5, 300, 700])
+def test_dense_inverse_from_cholesky_factor(n, monkeypatch):
     """`_chol_inverse` (one ``cho_solve`` up to `_dense.BLOCK`, recursive blocking
-    above it) is S^-1, and its derivative is -S^-1 dS S^-1."""
-    from tmbx._dense import BLOCK
+    above it) is S^-1, and its derivative is -S^-1 dS S^-1: at 300 with the block
+    set to 128 (two levels of recursion), at 700 with the shipped block."""
+    from tmbx import _dense
     from tmbx._sparse import _chol_inverse
 
-    assert 5 < BLOCK < 300
+    if n == 300:
+        monkeypatch.setattr(_dense, "BLOCK", 128)
+    assert 5 < _dense.BLOCK < n or n == 5
     rng = np.random.default_rng(n)
     A = rng.normal(size=(n, n + 3))
     S = A @ A.T / n + 0.1 * np.eye(n)
