@@ -113,6 +113,20 @@ def test_cbpp_matches_lme4():
     assert _check_ci(fit.profile(progress=False).confint(), ref, rename=rename) == 5
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_cbpp_matches_lme4_vectorized_or_one_point_at_a_time(vectorize):
+    """Both ways of running a batch of profile points (`jax.vmap` over the batch,
+    as on a GPU, or each point alone in one program, as on the CPU) give lme4's
+    intervals, and a batch smaller than a round still covers every point."""
+    fit = tmbx.glmm("cbind(incidence, size - incidence) ~ period + (1|herd)", tmbx.load_dataset("cbpp"),
+                    family="binomial")
+    ref = _load(INF / "cbpp_inference.json")["profile_ci_lme4"]
+    rename = {f"period{k}": f"period[T.{k}]" for k in (2, 3, 4)}
+    prof = fit.profile(progress=False, vectorize=vectorize, batch_size=16)
+    assert _check_ci(prof.confint(), ref, rename=rename) == 5
+    assert prof.table.groupby("parameter").size().min() >= 9  # the first grid, 8 points a side pair, and the optimum
+
+
 def test_singular_fit_lower_limit_zero():
     """Dyestuff2: the batch variance is estimated at 0; lme4's lower limit is 0."""
     ref = _load(INF / "profile_dyestuff2.json")

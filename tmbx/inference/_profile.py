@@ -279,7 +279,7 @@ def _pointwise(f):
 _SOLVERS = weakref.WeakKeyDictionary()  # model -> {options: compiled solver}
 
 
-def _solver(model, options, general):
+def _solver(model, options, general, group):
     """``jit(vmap(bfgs))`` over (start z0, latent start, coord c, s, w, wj, pairs, L):
     the marginal nll with x[c] held by `_hold` (s * sqrt(1 + sum(w x^2)), or the
     quadratic's root for a correlation cor(i, j), j > 0, when ``general``).
@@ -313,7 +313,6 @@ def _solver(model, options, general):
         x = jnp.where(ar == c, _hold(s, z, w, wj, pairs, general), z)
         return x, res["aux"], res["f"], res["status"]
 
-    group = _group()
     cache = _SOLVERS.setdefault(model, {})
     if (options, general, group) not in cache:
         # One program runs a batch of points: vectorized (`vmap`) in groups of
@@ -345,10 +344,12 @@ def _solver(model, options, general):
 CPU_BATCH = 64
 
 
-def _group():
-    """Points vectorized together (`_solver`): 1 on the CPU (each point alone), 0
-    elsewhere (the whole batch, `profile`'s ``batch_size``, at once)."""
-    return 1 if jax.default_backend() == "cpu" else 0
+def _group(vectorize=None):
+    """Points vectorized together (`_solver`): 1 (each point alone) or 0 (the whole
+    batch at once); by default 1 on the CPU, 0 elsewhere."""
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu"
+    return 0 if vectorize else 1
 
 
 # ---------------------------------------------------------------------- profile
@@ -476,14 +477,16 @@ def _ml_fit(fit, criterion):
 
 
 def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
-            options: BFGSOptions | None = None):
+            options: BFGSOptions | None = None, vectorize: bool | None = None):
     """Likelihood profiles of ``fit``'s parameters (lme4's ``profile``), batched.
 
     ``parm``: names as in ``fit.confint`` (default all). ``criterion``: "ML" (as
     lme4, also for REML fits, which are refit by ML first) or "REML" (variance
     parameters of a REML fit on its own criterion). ``batch_size``: profile points
-    per compiled batch (default: `CPU_BATCH` on the CPU; elsewhere the first grid
-    of every parameter, vectorized). Returns a
+    per compiled batch (default: `CPU_BATCH` points run one at a time on the CPU;
+    elsewhere the first grid of every parameter, vectorized). ``vectorize``: run
+    a batch's points together with `jax.vmap` (True) or one at a time in one
+    program (False); default True on a GPU, False on the CPU. Returns a
     `Profile`; its ``estimate`` is the profiled fit's (ML for a REML fit).
     """
     from tqdm.auto import tqdm
@@ -514,9 +517,10 @@ def profile(fit, parm=None, criterion="ML", batch_size=None, progress=True,
     # the points start next to their optimum: plain BFGS, without the Newton polish
     # (2 n extra gradients per point) that a fit from scratch uses for its Hessian
     general = any(sp_.wj is not None for sp_ in all_specs)  # (the same program for any parm)
-    solve = _solver(model, options or BFGSOptions(polish=False, max_evals=200), general)
+    group = _group(vectorize)
+    solve = _solver(model, options or BFGSOptions(polish=False, max_evals=200), general, group)
     first_grid = n_all * 2 * len(_STEPS)
-    batch = batch_size or (CPU_BATCH if _group() == 1 else first_grid)
+    batch = batch_size or (CPU_BATCH if group == 1 else first_grid)
     runner = _Runner(solve, model, x_hat, u_hat, float(f0.objective), V, slope, specs, batch, first_grid)
     bar = tqdm(total=_MAX_ROUNDS + 1, desc="profile", disable=not progress, leave=False)
     runner.run([(k, sp_.s_hat + sgn * st * sp_.se) for k, sp_ in enumerate(specs)
