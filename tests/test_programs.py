@@ -2,6 +2,7 @@
 same call reads the fit's program from disk instead of tracing it, gets the same
 answer as a traced fit, and any change to the call or its data is a new key."""
 
+import collections
 import os
 
 import numpy as np
@@ -16,6 +17,8 @@ from tmbx.formula import _lmm
 def program_dir(tmp_path, monkeypatch):
     path = tmp_path / "programs"
     monkeypatch.setattr(_programs, "_base", lambda: str(path))
+    # and no programs compiled by earlier tests: a process that starts with this directory
+    monkeypatch.setattr(_programs, "_LIVE", collections.OrderedDict())
     return path
 
 
@@ -131,6 +134,22 @@ def test_same_call_in_one_process_reuses_its_programs(monkeypatch):
     assert n and len(traces) == n and again.loglik == first.loglik
     other = tmbx.glmm(**dict(call, formula="cbind(incidence, size - incidence) ~ 1 + (1|herd)"))
     assert len(traces) > n and other.loglik < first.loglik
+
+
+def test_no_load_is_left_pending_for_a_program_already_compiled(program_dir):
+    """A stored program that this process has compiled already is not loaded again
+    in the background, even when only its tiered executable is still remembered
+    (the plain entry evicted first), and nothing is left pending."""
+    df = tmbx.load_dataset("cbpp")
+    call = dict(formula="cbind(incidence, size - incidence) ~ period + (1|herd)", data=df, family="binomial")
+    first = tmbx.glmm(**call)
+    assert len(list(program_dir.glob("*.exported"))) == 1
+    plain = [k for k in _programs._LIVE if isinstance(k, str)]
+    assert plain and any(("shared", k) in _programs._LIVE for k in plain)  # a small model: tiered
+    for k in plain:
+        del _programs._LIVE[k]
+    again = tmbx.glmm(**call)
+    assert again.loglik == first.loglik and not _programs._PREFETCH
 
 
 def test_old_programs_are_evicted(tmp_path, monkeypatch):

@@ -224,8 +224,8 @@ def prefetch(key: str | None) -> None:
     for path in glob.glob(os.path.join(directory, f"{key[:KEY_CHARS]}-*.exported")):
         pid = os.path.basename(path)[KEY_CHARS + 1:-len(".exported")]
         with _PREFETCH_LOCK:
-            if path in _PREFETCH or pid in _LIVE:  # loading, or running in this process
-                continue
+            if path in _PREFETCH or pid in _LIVE or ("shared", pid) in _LIVE:
+                continue  # loading, or compiled in this process already
             entry = _PREFETCH[path] = _Prefetch(path)
         # not a daemon: shutdown waits for XLA instead of tearing it down mid-load
         threading.Thread(target=_load, args=(entry,), name="tmbx-prefetch").start()
@@ -274,6 +274,12 @@ def _take_prefetched(path: str) -> _Prefetch | None:
     if entry.marker is not None:
         _TIER[id(entry.lowered)] = (entry.lowered, entry.marker, entry.fast)
     return entry
+
+
+def _discard_prefetch(path) -> None:
+    if path is not None:
+        with _PREFETCH_LOCK:
+            _PREFETCH.pop(path, None)
 
 
 def prefetched_tier(lowered):
@@ -426,7 +432,12 @@ class ProgramCache:
             with self._lock:
                 call = self._calls.get(pid)
                 if call is None:
-                    call = self._calls[pid] = _live_get(pid) or self._new_callable(pid, args)
+                    call = _live_get(pid)
+                    if call is None:
+                        call = self._new_callable(pid, args)
+                    else:  # a load started before this program was found live: not needed
+                        _discard_prefetch(self._path(pid))
+                    self._calls[pid] = call
                     _live_put(pid, call)
         return call
 
