@@ -227,7 +227,8 @@ class Laplace:
                 a = a * 0.5
                 return a, f(u + a * step), k + 1
 
-            a, fnew, k = jax.lax.while_loop(ls_cond, ls_body, batched_like((1.0, f(u + step), 0), step))
+            f_full = f(u + step)  # the full step's value: the search's first trial, and the converged value
+            a, fnew, k = jax.lax.while_loop(ls_cond, ls_body, batched_like((1.0, f_full, 0), step))
             accepted = good_factor & jnp.isfinite(fnew) & (
                 fnew <= fu - 1e-4 * a * dec + 1e-12 * jnp.abs(fu)
             )
@@ -235,7 +236,7 @@ class Laplace:
             # then leaves u* exact to rounding, which the implicit gradient assumes
             accepted = accepted | converged
             u_new = jnp.where(accepted, u + jnp.where(converged, 1.0, a) * step, u)
-            f_new = jnp.where(accepted, jnp.where(converged, f(u + step), fnew), fu)
+            f_new = jnp.where(accepted, jnp.where(converged, f_full, fnew), fu)
             # Levenberg-style damping: raise when the factor or the step fails
             scale = jnp.maximum(1.0, jnp.max(jnp.abs(g)))
             lam_new = jnp.where(

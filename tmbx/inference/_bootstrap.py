@@ -78,9 +78,9 @@ def batched_refit(model, options):
 
     def vg(y, u0, aux):
         d, x0, L = aux
-        (val, (u, status)), g = jax.value_and_grad(
-            lambda yy: model._objective(x0 + L @ yy, u0, d), has_aux=True)(y)
-        return jnp.where(status != INNER_OK, jnp.inf, val), g, u
+        # the model's jitted value and gradient (the fit's traced jaxpr), chained through x0 + L y
+        (val, (u, status)), gx = model._objective_vg(x0 + L @ y, u0, d)
+        return jnp.where(status != INNER_OK, jnp.inf, val), L.T @ gx, u
 
     def one(Y, x0, u0, L, d):
         res = bfgs(vg, jnp.zeros_like(x0), u0, ({**d, "y": Y}, x0, L), options)

@@ -295,13 +295,16 @@ def _solver(model, options, general, group):
     def vg(y, u0, aux):
         d, c, s, w, wj, pairs, z0, L = aux
 
-        def obj(y):
+        def x_of(y):
             z = z0 + L @ y
-            x = jnp.where(ar == c, _hold(s, z, w, wj, pairs, general), z)
-            val, (u, status) = model._objective(x, u0, d)
-            return val + 0.5 * y[c] ** 2, (u, status)
+            return jnp.where(ar == c, _hold(s, z, w, wj, pairs, general), z)
 
-        (val, (u, status)), g = jax.value_and_grad(obj, has_aux=True)(y)
+        # the model's jitted value and gradient (the fit's traced jaxpr, from JAX's
+        # caches), and the chain rule through x(y) here
+        x, pullback = jax.vjp(x_of, y)
+        (val, (u, status)), gx = model._objective_vg(x, u0, d)
+        val = val + 0.5 * y[c] ** 2
+        g = pullback(gx)[0] + jnp.where(ar == c, y, 0.0)
         ok = (status == INNER_OK) & jnp.isfinite(val)
         return jnp.where(ok, val, jnp.inf), jnp.where(ok, g, 0.0), u
 
