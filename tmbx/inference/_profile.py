@@ -3,8 +3,9 @@
 Every profile point is a constrained refit: one coordinate ``s`` of the
 fixed-parameter vector is held at a value and the Laplace marginal is
 minimized over the others. The points are independent, so they are computed
-as batches through one compiled program, ``jit(vmap(bfgs))`` over
-(parameter, value) pairs, warm-started on the quadratic approximation of the
+as batches through one compiled program of BFGS refits over (parameter,
+value) pairs (``vmap``ped on a GPU, one after another on the CPU: `_solver`),
+warm-started on the quadratic approximation of the
 profile trace at the optimum. The grid is set on each coordinate's Wald scale
 and extended only where the signed root deviance
 
@@ -280,7 +281,8 @@ _SOLVERS = weakref.WeakKeyDictionary()  # model -> {options: compiled solver}
 
 
 def _solver(model, options, general, group):
-    """``jit(vmap(bfgs))`` over (start z0, latent start, coord c, s, w, wj, pairs, L):
+    """One compiled BFGS over a batch of (start z0, latent start, coord c, s, w, wj,
+    pairs, L, live), ``vmap``ped (``group`` 0) or one point after another (1):
     the marginal nll with x[c] held by `_hold` (s * sqrt(1 + sum(w x^2)), or the
     quadratic's root for a correlation cor(i, j), j > 0, when ``general``).
 
@@ -318,15 +320,15 @@ def _solver(model, options, general, group):
 
     cache = _SOLVERS.setdefault(model, {})
     if (options, general, group) not in cache:
-        # One program runs a batch of points: vectorized (`vmap`) in groups of
-        # `group`, the groups one after another (`lax.map`). A vectorized refit
-        # iterates until its slowest point has converged, so on the CPU, where
+        # One program runs a batch of points: all vectorized (`vmap`), or one after
+        # another (`lax.map`). A vectorized refit iterates until its slowest point
+        # has converged, so on the CPU, where
         # vectorizing a small model's refits buys little, every point runs alone:
         # one far-out point that needs 200 evaluations no longer holds up the
         # others (Salamanders' zip model: 240 s for a 56-point round before), a
         # padding slot costs nothing, and the unbatched program traces and
         # compiles faster (a first profile of cbpp: 1.2 s to 0.8 s). On a GPU the
-        # whole batch is one group, evaluated in parallel.
+        # whole batch is vectorized, evaluated in parallel.
         def batched(Z, U, C, S, W, WJ, PA, L, LIVE, d):
             args = (Z, U, C, S, W, WJ, PA, L, LIVE)
             if group == 1:
