@@ -237,9 +237,9 @@ class Model:
             )
 
     def _objective(self, x, u0, d):
-        # an inner jit: later programs that call the objective again (profiles,
-        # bootstraps, refits) reuse its trace and derivative jaxprs from JAX's caches
-        # instead of tracing the Laplace approximation again
+        # an inner jit, for the value alone (`fn`, sampling, checks): programs that
+        # also need the gradient go through `_objective_vg`, which is traced once
+        # with its derivative
         if getattr(self, "_objective_jit", None) is None:
             self._objective_jit = jax.jit(self._objective_impl)
         return self._objective_jit(x, u0, d)
