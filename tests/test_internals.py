@@ -305,3 +305,8 @@ def test_stable_argsort_matches_numpys_stable_sort():
     for n, hi in [(0, 1), (1, 1), (5000, 7), (20000, 10**6)]:  # many ties, then few
         a = rng.integers(0, hi, n).astype(np.int32)
         np.testing.assert_array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))
+    # keys too large for a * n + position in int64 (a tail's pairs beyond 2^31):
+    # 2^63 // n + 1 times n wraps around to a negative key
+    n = 5000
+    a = rng.choice(np.array([2**62 // n, 2**63 // n + 1]), n)
+    np.testing.assert_array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))

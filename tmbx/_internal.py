@@ -124,6 +124,11 @@ def eval_method(obj, method, *args):
     return jax.tree_util.tree_map(np.asarray, _method_program()(obj, args, method))
 
 
+def sharded(a) -> bool:
+    """Whether the array ``a`` is split over several devices."""
+    return len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1
+
+
 def batched_like(tree, ref):
     """``tree`` with every leaf tied to ``ref``'s value (unchanged), so that under
     `jax.vmap` each leaf is batched exactly when ``ref`` is.

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
-from ._internal import to_device
+from ._internal import sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
@@ -95,12 +95,6 @@ def _as_data(data):
         return {}
     return jax.tree_util.tree_map(to_device, data)
 
-
-
-def _sharded(data) -> bool:
-    """Whether any array of ``data`` is split over several devices."""
-    return any(len(getattr(getattr(a, "sharding", None), "device_set", ())) > 1
-               for a in jax.tree_util.tree_leaves(data))
 
 class Model:
     """A template model: ``nll(p, d)`` with ``p`` a dict of named parameters.
@@ -409,7 +403,7 @@ class Model:
         go in as arguments (`tmbx._laplace.Laplace.index_data`), not as constants
         of the program; not where the data are sharded over devices."""
         lap = self.laplace if self.agq is None else None  # (quadrature reads the template's data)
-        if lap is not None and isinstance(data, dict) and not _sharded(data):
+        if lap is not None and isinstance(data, dict) and not any(map(sharded, jax.tree_util.tree_leaves(data))):
             idx = lap.index_data()
             if idx:
                 data = dict(data, **{INDEX_KEY: idx})

@@ -42,6 +42,8 @@ import threading
 import jax
 import numpy as np
 
+from ._internal import sharded
+
 log = logging.getLogger(__name__)
 
 #: the program directory's size limit; the least recently used go first
@@ -171,8 +173,7 @@ def _signature(args) -> str:
         raise Unkeyable("arguments too large")
     parts = [str(tree)]
     for x in leaves:
-        sharding = getattr(x, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:
+        if sharded(x):
             raise Unkeyable("sharded argument")
         parts.append(f"{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}:{getattr(x, 'weak_type', '')}")
     return ";".join(parts)

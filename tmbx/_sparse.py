@@ -593,12 +593,12 @@ def arrow_solve(lay, Lh, W, b, tail_solve):
 
 
 def _stable_argsort(a: np.ndarray) -> np.ndarray:
-    """``np.argsort(a, kind="stable")`` for non-negative integers below 2^31, as an
+    """``np.argsort(a, kind="stable")`` for non-negative integers, as an
     unstable sort of ``a * len(a) + position`` (distinct keys, so the same
     order): NumPy's stable sort of 32-bit integers is a timsort, 5x slower than
     its quicksort on a million random keys."""
     n = a.size
-    if n == 0 or n >= 2**31:
+    if n == 0 or n >= 2**31 or int(a.max()) >= 2**62 // n:  # (a key a * n + position must fit in int64)
         return np.argsort(a, kind="stable")
     return np.argsort(a.astype(np.int64) * n + np.arange(n, dtype=np.int64))
 
