@@ -19,6 +19,9 @@ def program_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(_programs, "_base", lambda: str(path))
     # and no programs compiled by earlier tests: a process that starts with this directory
     monkeypatch.setattr(_programs, "_LIVE", collections.OrderedDict())
+    # nor loads that earlier tests' models started (a template looks for its stored
+    # program as soon as it is built)
+    monkeypatch.setattr(_programs, "_PREFETCH", {})
     return path
 
 
@@ -160,3 +163,96 @@ def test_old_programs_are_evicted(tmp_path, monkeypatch):
         os.utime(p, (1000 + i, 1000 + i))
     _programs._evict(str(tmp_path))
     assert sorted(p.name for p in tmp_path.glob("*.exported")) == ["3.exported", "4.exported"]
+
+
+# ------------------------------------------------------------- user templates
+def _glmm_template(scale=0.5, seed=0, map=None, start_sd=0.0):
+    """A Poisson GLMM written as a template: 30 groups of 8 counts."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(30), 8)
+    x = rng.normal(size=g.size)
+    y = rng.poisson(np.exp(0.3 + 0.5 * x + 0.6 * rng.normal(size=30)[g])).astype(float)
+    data = dict(y=y, X=np.column_stack([np.ones_like(x), x]), g=g)
+
+    def nll(p, d):
+        u = p["u"]
+        eta = d["X"] @ p["beta"] + jnp.exp(p["logsd"]) * u[d["g"]]
+        return -jnp.sum(d["y"] * eta - jnp.exp(eta)) + scale * jnp.sum(u**2)
+
+    params = dict(beta=np.zeros(2), logsd=start_sd, u=np.zeros(30))
+    return tmbx.Model(nll, params, data=data, random=["u"], map=map)
+
+
+def test_template_key_follows_what_the_template_computes():
+    """A template's key is its jaxpr, constants and data: the same template built
+    again (a new function object) has the same key; a changed constant, datum,
+    map or start value, another; a template whose derivative rule or callback is
+    its own, none."""
+    import jax
+    import jax.numpy as jnp
+
+    key = _glmm_template()._program_key
+    assert key is not None and key == _glmm_template()._program_key
+    variants = [_glmm_template(scale=0.5000001), _glmm_template(seed=1), _glmm_template(start_sd=0.1),
+                _glmm_template(map={"beta": [0, None]})]
+    keys = {m._program_key for m in variants}
+    assert key not in keys and len(keys) == len(variants)
+
+    @jax.custom_jvp
+    def square(v):
+        return v**2
+
+    square.defjvp(lambda p, t: (p[0] ** 2, 2 * p[0] * t[0]))
+    own_rule = lambda p, d: jnp.sum(square(p["u"] - d["y"])) + p["s"] ** 2
+    library_rule = lambda p, d: jnp.sum(jax.nn.softplus(p["u"] - d["y"])) + jnp.sum(p["u"] ** 2) + p["s"] ** 2
+    callback = lambda p, d: jnp.sum((p["u"] - d["y"]) ** 2) + jax.pure_callback(
+        lambda s: s**2, jax.ShapeDtypeStruct((), jnp.float64), p["s"])
+    data, params = dict(y=np.arange(4.0)), dict(u=np.zeros(4), s=1.0)
+    assert tmbx.Model(library_rule, params, data=data, random=["u"])._program_key is not None
+    for nll in (own_rule, callback):
+        assert tmbx.Model(nll, params, data=data, random=["u"])._program_key is None
+
+
+def test_second_template_model_reads_its_colouring_and_fit_program(program_dir, monkeypatch):
+    """A template built again in a new process skips asdex's pattern detection and
+    the fit's trace, and gets the traced fit's answer; a damaged colouring file is
+    detected again."""
+    from tmbx import _hessian
+
+    detections = []
+
+    class CountingAsdex:
+        def __getattr__(self, name):
+            return getattr(_hessian.LazyModule("asdex"), name)
+
+        def hessian_coloring(self, *args, **kwargs):
+            detections.append(1)
+            return _hessian.LazyModule("asdex").hessian_coloring(*args, **kwargs)
+
+    monkeypatch.setattr(_hessian, "asdex", CountingAsdex())
+    monkeypatch.setenv("TMBX_PROGRAM_CACHE", "0")
+    plain = _glmm_template().fit()
+    monkeypatch.delenv("TMBX_PROGRAM_CACHE")
+    _programs._LIVE.clear()
+    traces = _count(monkeypatch, _model.Model, "_fit_impl")
+    first = _glmm_template().fit()
+    assert len(detections) == 2 and traces
+    assert len(list(program_dir.glob("*-coloring.npz"))) == 1 and len(list(program_dir.glob("*.exported"))) == 1
+    n = len(traces)
+    _programs._LIVE.clear()  # a new process
+    second_model = _glmm_template()
+    second = second_model.fit()
+    assert len(detections) == 2 and len(traces) == n
+    assert second_model.laplace.hessian._coloring is None  # asdex's object not even unpickled
+    for fit in (first, second):
+        assert fit.loglik == pytest.approx(plain.loglik, abs=1e-10)
+        np.testing.assert_allclose(fit.x, plain.x, rtol=1e-9)
+        np.testing.assert_allclose(fit.sdreport().se["beta"], plain.sdreport().se["beta"], rtol=1e-8)
+
+    (path,) = program_dir.glob("*-coloring.npz")
+    path.write_bytes(b"damaged")
+    _programs._LIVE.clear()
+    again = _glmm_template().fit()
+    assert len(detections) == 3 and again.loglik == pytest.approx(plain.loglik, abs=1e-10)

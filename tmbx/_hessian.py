@@ -19,6 +19,7 @@ blocks) are sent there, so scatters need no masks.
 
 from __future__ import annotations
 
+import io
 from typing import Callable
 
 import jax
@@ -59,24 +60,62 @@ def _slots_with_dummy(layout, rows, cols):
 
 
 class ColoredHessian:
-    """Hessian of ``f(x, u, data)`` in ``u`` by coloured Hessian-vector products."""
+    """Hessian of ``f(x, u, data)`` in ``u`` by coloured Hessian-vector products.
 
-    def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None, solver="exact"):
+    ``stored``: this template's `record` from an earlier process (`tmbx.Model`
+    keeps it under the template's key), in place of asdex's detection and
+    colouring, which take most of a template's setup (0.65 s of TMB's ar1xar1 at
+    100 x 100). It holds the pattern as NumPy arrays and asdex's colouring in
+    asdex's own file format (``ColoredPattern.save``): that is read, importing
+    asdex and numba (0.3 s), only when the Hessian is traced, which a stored fit
+    program spares too.
+    """
+
+    def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None, solver="exact",
+                 stored=None):
         self.f = f
         n = u0.shape[0]
-        fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
-        coloring = asdex.hessian_coloring(fu, u0)
-        self.coloring = coloring
-        sp = coloring.sparsity
-        rows, cols = np.asarray(sp.rows), np.asarray(sp.cols)
+        if stored is not None and tuple(stored["shape"]) == (n, n):
+            rows, cols = stored["rows"], stored["cols"]
+            colors, self.num_colors = stored["colors"], int(stored["num_colors"])
+            self._coloring, self._saved = None, bytes(stored["coloring"])
+        else:
+            fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
+            self._coloring = coloring = asdex.hessian_coloring(fu, u0)
+            rows, cols = np.asarray(coloring.sparsity.rows), np.asarray(coloring.sparsity.cols)
+            colors, self.num_colors = np.asarray(coloring.colors), coloring.num_colors
+            self._saved = None
+        npat = len(rows)
+        self._pattern = (rows, cols, colors, n)
         diag = np.arange(n)
         rows = np.concatenate([rows, diag])  # keep the diagonal in the layout
         cols = np.concatenate([cols, diag])
         self.rows, self.cols = rows, cols
         self.layout = layout or choose_layout(n, rows, cols, force=layout_kind, solver=solver)
-        self.seeds = to_device(_seeds(np.asarray(coloring.colors), coloring.num_colors))
-        self.slots = to_device(_slots_with_dummy(self.layout, rows[: len(sp.rows)], cols[: len(sp.cols)]))
-        self.num_colors = coloring.num_colors
+        self.seeds = to_device(_seeds(colors, self.num_colors))
+        self.slots = to_device(_slots_with_dummy(self.layout, rows[:npat], cols[:npat]))
+
+    @property
+    def coloring(self):
+        """asdex's colouring (its decompression reads it when the Hessian is traced)."""
+        if self._coloring is None:
+            # read outside the trace: arrays made inside it would be its tracers,
+            # and asdex keeps some on the object
+            with jax.ensure_compile_time_eval():
+                self._coloring = asdex.ColoredPattern.load(io.BytesIO(self._saved))
+        return self._coloring
+
+    def record(self) -> dict:
+        """What `stored` takes (NumPy arrays): the pattern, the colours and asdex's
+        colouring as its ``.npz`` bytes."""
+        rows, cols, colors, n = self._pattern
+        saved = self._saved
+        if saved is None:
+            buf = io.BytesIO()
+            self._coloring.save(buf)
+            saved = buf.getvalue()
+        return dict(shape=np.array([n, n]), rows=rows, cols=cols, colors=colors,
+                    num_colors=np.array(self.num_colors), coloring=np.frombuffer(saved, np.uint8))
 
     def __call__(self, x, u, data):
         g = lambda uu: jax.grad(self.f, argnums=1)(x, uu, data)

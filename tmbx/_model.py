@@ -30,7 +30,7 @@ from ._internal import sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
-from ._programs import ProgramCache
+from ._programs import ProgramCache, prefetch, read_object, template_digest, write_object
 from ._tiered import TieredJit
 
 
@@ -144,6 +144,18 @@ class Model:
         self.f = lambda x, u, d: nll(space.unflatten(x, u), d)
         x0 = to_device(space.start("x"))
         u0 = to_device(space.start("u"))
+        #: a fingerprint of everything that shapes this model's programs: the fit's
+        #: traced program (and here the Hessian's colouring) are then kept on disk,
+        #: and a later process skips tracing them (`tmbx._programs.ProgramCache`).
+        #: A template's own from its jaxpr (`template_digest`); `tmbx.glmm` sets
+        #: its own from the call (`spec_digest`)
+        self._program_key = None
+        if latent_gaussian is None and nagq == 1 and groups is None and space.n_u:
+            spec = dict(names=list(space.names), random=list(space.random), map=map, layout=layout, inner=inner,
+                        outer=outer, quadratic=quadratic, solver=solver,
+                        starts={k: np.asarray(v) for k, v in space.starts.items()})
+            self._program_key = template_digest(self.f, (x0, u0, self.data), spec)
+            prefetch(self._program_key)  # the stored fit program loads while the rest is set up
         if check:
             self._check_template(x0, u0)
         # the sparse Hessian's pattern, colouring and layout are built on first use:
@@ -161,10 +173,6 @@ class Model:
 
             self.agq = AGQ(self, nagq, groups, latent_gaussian=latent_gaussian)
         self._u_last = u0
-        #: a fingerprint of everything that shapes this model's programs (set by
-        #: `tmbx.glmm`, `tmbx._programs.spec_digest`): the fit's traced program is
-        #: then kept on disk and a later process skips tracing it
-        self._program_key = None
         self._compile()
 
     # ------------------------------------------------------------------ setup
@@ -209,7 +217,13 @@ class Model:
                 latent_diagonal=lg.latent_diagonal,
             )
         else:
-            hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout, solver=self.solver)
+            # the pattern and its colouring, kept under the template's key (`ColoredHessian`)
+            key = self._program_key
+            stored = read_object(key, "coloring")
+            hess = ColoredHessian(self.f, x0, u0, self.data, layout_kind=layout, solver=self.solver,
+                                  stored=stored)
+            if stored is None and key is not None:
+                write_object(key, "coloring", hess.record())
         return Laplace(self.f, hess, space.n_u, inner, quadratic=quadratic)
 
     def _check_template(self, x0, u0):

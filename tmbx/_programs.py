@@ -167,6 +167,105 @@ def spec_digest(spec) -> str | None:
     return h.hexdigest()
 
 
+def template_digest(f, args, spec) -> str | None:
+    """A fingerprint of a user's template ``f(*args)`` (`tmbx.Model`'s nll over
+    the flat fixed and latent vectors and the data), of ``spec`` (the rest of the
+    model's specification) and of `environment_digest`; None where it cannot be
+    fingerprinted, and then the model's programs are traced as usual.
+
+    A Python function has no fingerprint of its own (its bytecode misses the
+    globals and the functions it calls), but what it computes at given shapes
+    does: its jaxpr, traced here with the data as arguments (milliseconds), plus
+    the values of the constants it closes over and of the data (the sparsity
+    pattern is read off the template with the data in place). Two parts of a
+    jaxpr print as names only: a derivative rule of ``jax.custom_jvp`` /
+    ``custom_vjp`` and a host callback. Rules written inside JAX or tmbx are
+    fixed by `environment_digest`; a template with any other (its own rule, a
+    callback) gets no key."""
+    try:
+        closed = jax.make_jaxpr(f)(*args)
+        if not _fixed_rules(closed.jaxpr):
+            return None
+        h = hashlib.sha256(environment_digest().encode())
+        h.update(str(closed.jaxpr).encode())
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        _update(h, [str(tree)] + [np.asarray(c) for c in closed.consts] + [np.asarray(a) for a in leaves])
+        _update(h, spec)
+    except Exception:  # noqa: BLE001 - Unkeyable, or a template that does not trace: no cache
+        return None
+    return h.hexdigest()
+
+
+def _fixed_rules(jaxpr) -> bool:
+    """Whether every custom derivative rule in ``jaxpr`` (and its sub-jaxprs) was
+    written in JAX's or tmbx's own source, and no host callback is called."""
+    from jax.extend.core import ClosedJaxpr, jaxprs_in_params
+
+    import tmbx
+
+    roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, tmbx, tmbx.families, tmbx.covstructs))
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if "callback" in name:
+            return False
+        if name.startswith("custom_"):
+            for v in eqn.params.values():
+                info = None if isinstance(v, ClosedJaxpr) else getattr(v, "debug_info", None)
+                if info is not None:  # a rule (``lu.WrappedFun``): where it was written
+                    src = getattr(info, "func_src_info", None) or ""
+                    if not any(r in src for r in roots):
+                        return False
+                elif callable(v) and not getattr(v, "__module__", "").startswith(("jax.", "tmbx.")):
+                    return False
+        for sub in jaxprs_in_params(eqn.params):
+            if not _fixed_rules(sub):
+                return False
+    return True
+
+
+def read_object(key: str | None, name: str) -> dict | None:
+    """The arrays `write_object` stored under the key ``key`` (a
+    `template_digest`), or None (no key, no cache directory, nothing stored, an
+    unreadable file)."""
+    path = _object_path(key, name)
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+        os.utime(path)  # recently used: evicted last (`_evict`)
+        return out
+    except Exception as e:  # noqa: BLE001 - a damaged entry: computed again
+        log.info("tmbx program cache: unreadable %s (%s)", path, e)
+        return None
+
+
+def write_object(key: str | None, name: str, arrays: dict) -> None:
+    """Store the NumPy ``arrays`` (a dict) under ``key`` for `read_object`."""
+    path = _object_path(key, name)
+    if path is None:
+        return
+    directory, tmp = os.path.dirname(path), None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
+        _evict(directory)
+    except Exception as e:  # noqa: BLE001 - disk full, read-only: computed next time
+        log.info("tmbx program cache: %s not written (%s)", path, e)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _object_path(key, name):
+    directory = _directory()
+    if directory is None or key is None:
+        return None
+    return os.path.join(directory, f"{key[:KEY_CHARS]}-{name}.npz")
+
+
 def _signature(args) -> str:
     leaves, tree = jax.tree_util.tree_flatten(args)
     if sum(int(getattr(x, "nbytes", 0)) for x in leaves) > MAX_ARGUMENT_BYTES:
@@ -181,7 +280,7 @@ def _signature(args) -> str:
 
 def _evict(directory: str) -> None:
     try:
-        entries = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".exported")]
+        entries = [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith((".exported", ".npz"))]
         stats = sorted(((os.stat(p).st_mtime, os.stat(p).st_size, p) for p in entries))
     except OSError:
         return
