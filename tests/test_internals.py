@@ -284,6 +284,55 @@ def test_fit_program_takes_the_index_arrays_as_arguments():
     assert small < large / 3
 
 
+def test_colored_hessian_gathers_the_dense_hessian_and_takes_its_indices_as_arguments():
+    """A template's latent Hessian by coloured products, each pattern entry
+    gathered from the compressed matrix (indices read once off asdex's
+    decompression), equals jax.hessian's dense one, rebuilt from a stored record
+    too; in a program the gather's index arrays are arguments, not constants."""
+    import math
+
+    from tmbx._hessian import ColoredHessian
+    from tmbx._laplace import INDEX_KEY
+
+    rng = np.random.default_rng(3)
+    n1, n2 = 110, 100  # 11,000 latent effects: above the index arrays' size threshold
+
+    def nll(p, d):  # a 5-point-stencil field with Poisson counts: a banded pattern
+        u = p["u"].reshape(n1, n2)
+        dx, dy = u[1:] - u[:-1], u[:, 1:] - u[:, :-1]
+        prior = 0.5 * math.exp(1.0) * (jnp.sum(dx**2) + jnp.sum(dy**2)) + 0.05 * jnp.sum(u**2)
+        return prior - jnp.sum(d["y"] * p["u"] - jnp.exp(p["u"])) + p["s"] ** 2
+
+    data = dict(y=rng.poisson(1.0, n1 * n2).astype(float))
+    m = tmbx.Model(nll, dict(u=np.zeros(n1 * n2), s=0.3), data=data, random=["u"])
+    lap = m.laplace
+    h = lap.hessian
+    assert isinstance(h, ColoredHessian) and {"hessian.pick_color", "hessian.pick_elem"} <= set(lap.index_data())
+    x = jnp.asarray([0.3])
+    u = jnp.asarray(0.3 * rng.normal(size=n1 * n2))
+    cols = np.arange(0, n1 * n2, 37)  # exact Hessian columns by Hessian-vector products
+    grad = jax.grad(lambda uu: m.f(x, uu, data))
+    E = jnp.eye(n1 * n2)[cols]
+    dense = np.asarray(jax.vmap(lambda e: jax.jvp(grad, (u,), (e,))[1])(E)).T  # (n, len(cols))
+    N = n1 * n2
+    nzr, nzc = np.nonzero(dense)
+    assert np.all(np.isin(nzr * N + cols[nzc], h.rows * N + h.cols))  # the pattern holds every nonzero
+    keep = np.isin(h.cols, cols)
+    r, c = h.rows[keep], h.cols[keep]
+    want = dense[r, np.searchsorted(cols, c)]
+    slots = h.layout.slots(r, c)
+    slots = np.where(slots >= 0, slots, h.layout.slots(c, r))  # the layout stores each pair once
+    assert np.all(slots >= 0)
+    again = ColoredHessian(m.f, x, u, data, stored=h.record())
+    for hess in (h, again):
+        got = np.asarray(hess(x, u, data))[slots]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with_idx = dict(data, **{INDEX_KEY: lap.index_data()})
+    small = len(jax.jit(lap.flat).lower(x, u, with_idx).as_text())
+    large = len(jax.jit(lap.flat).lower(x, u, data).as_text())
+    assert small < large / 3
+
+
 def test_order_by_row_matches_a_two_key_sort():
     """J's entries ordered by (row, column): the stable one-key sort when the
     columns come in order within rows (the formula layer's listing), the two-key

@@ -19,7 +19,6 @@ blocks) are sent there, so scatters need no masks.
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import jax
@@ -62,68 +61,87 @@ def _slots_with_dummy(layout, rows, cols):
 class ColoredHessian:
     """Hessian of ``f(x, u, data)`` in ``u`` by coloured Hessian-vector products.
 
+    asdex reads the pattern off the template and colours it (star colouring);
+    each colour's Hessian-vector product gives a row of the compressed matrix
+    ``B`` (colours x n), and every pattern entry is one entry of ``B``. Which one
+    is read once, here, off asdex's own decompression (`_extraction`), so that a
+    program gathers the values with two index arrays that it can take as
+    arguments (`TRACEABLE`), not as constants: TMB's ar1xar1 at 100 x 100 had
+    2 MB of constants (seeds, asdex's extraction indices, slots) in its fit
+    program.
+
     ``stored``: this template's `record` from an earlier process (`tmbx.Model`
     keeps it under the template's key), in place of asdex's detection and
-    colouring, which take most of a template's setup (0.65 s of TMB's ar1xar1 at
-    100 x 100). It holds the pattern as NumPy arrays and asdex's colouring in
-    asdex's own file format (``ColoredPattern.save``): that is read, importing
-    asdex and numba (0.3 s), only when the Hessian is traced, which a stored fit
-    program spares too.
+    colouring, which take most of a template's setup (0.65 s of ar1xar1 at
+    100 x 100); asdex (and numba behind it, 0.3 s to import) is then not even
+    imported.
     """
+
+    #: index arrays that traced code reads only through jax operations
+    #: (`tmbx._laplace.Laplace.index_data`)
+    TRACEABLE = ("colors", "slots", "pick_color", "pick_elem")
 
     def __init__(self, f: Callable, x0, u0, data0, *, layout=None, layout_kind=None, solver="exact",
                  stored=None):
         self.f = f
         n = u0.shape[0]
         if stored is not None and tuple(stored["shape"]) == (n, n):
-            rows, cols = stored["rows"], stored["cols"]
-            colors, self.num_colors = stored["colors"], int(stored["num_colors"])
-            self._coloring, self._saved = None, bytes(stored["coloring"])
+            rows, cols, colors = stored["rows"], stored["cols"], stored["colors"]
+            num_colors, pick_color, pick_elem = int(stored["num_colors"]), stored["pick_color"], stored["pick_elem"]
         else:
             fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
-            self._coloring = coloring = asdex.hessian_coloring(fu, u0)
+            coloring = asdex.hessian_coloring(fu, u0)
             rows, cols = np.asarray(coloring.sparsity.rows), np.asarray(coloring.sparsity.cols)
-            colors, self.num_colors = np.asarray(coloring.colors), coloring.num_colors
-            self._saved = None
-        npat = len(rows)
-        self._pattern = (rows, cols, colors, n)
+            colors, num_colors = np.asarray(coloring.colors), int(coloring.num_colors)
+            pick_color, pick_elem = _extraction(coloring, num_colors, n)
+        self._pattern = (rows, cols, n)
+        self.num_colors = num_colors
         diag = np.arange(n)
         rows = np.concatenate([rows, diag])  # keep the diagonal in the layout
         cols = np.concatenate([cols, diag])
         self.rows, self.cols = rows, cols
         self.layout = layout or choose_layout(n, rows, cols, force=layout_kind, solver=solver)
-        self.seeds = to_device(_seeds(colors, self.num_colors))
-        self.slots = to_device(_slots_with_dummy(self.layout, rows[:npat], cols[:npat]))
-
-    @property
-    def coloring(self):
-        """asdex's colouring (its decompression reads it when the Hessian is traced)."""
-        if self._coloring is None:
-            # read outside the trace: arrays made inside it would be its tracers,
-            # and asdex keeps some on the object
-            with jax.ensure_compile_time_eval():
-                self._coloring = asdex.ColoredPattern.load(io.BytesIO(self._saved))
-        return self._coloring
+        self.colors = to_device(colors, np.int32)
+        self.slots = to_device(_slots_with_dummy(self.layout, rows[: len(pick_color)], cols[: len(pick_color)]))
+        self.pick_color = to_device(pick_color, np.int32)
+        self.pick_elem = to_device(pick_elem, np.int32)
 
     def record(self) -> dict:
-        """What `stored` takes (NumPy arrays): the pattern, the colours and asdex's
-        colouring as its ``.npz`` bytes."""
-        rows, cols, colors, n = self._pattern
-        saved = self._saved
-        if saved is None:
-            buf = io.BytesIO()
-            self._coloring.save(buf)
-            saved = buf.getvalue()
-        return dict(shape=np.array([n, n]), rows=rows, cols=cols, colors=colors,
-                    num_colors=np.array(self.num_colors), coloring=np.frombuffer(saved, np.uint8))
+        """What `stored` takes (NumPy arrays): the pattern, the colours and the
+        extraction indices."""
+        rows, cols, n = self._pattern
+        return dict(shape=np.array([n, n]), rows=rows, cols=cols, colors=np.asarray(self.colors),
+                    num_colors=np.array(self.num_colors), pick_color=np.asarray(self.pick_color),
+                    pick_elem=np.asarray(self.pick_elem))
 
     def __call__(self, x, u, data):
         g = lambda uu: jax.grad(self.f, argnums=1)(x, uu, data)
         hvp = lambda s: jax.jvp(g, (u,), (s,))[1]
-        B = jax.vmap(hvp)(self.seeds)
-        vals = asdex.decompress_data(B[: self.num_colors], self.coloring)
+        seeds = (self.colors[None, :] == jnp.arange(max(self.num_colors, 1))[:, None]).astype(u.dtype)
+        B = jax.vmap(hvp)(seeds)
+        vals = B[self.pick_color, self.pick_elem]
         flat = jnp.zeros(self.layout.size + 1, vals.dtype)
         return flat.at[self.slots].add(vals)
+
+
+def _extraction(coloring, num_colors: int, n: int):
+    """``(color, element)`` of the compressed matrix ``B`` that each pattern entry
+    is read from, found by decompressing a ``B`` whose entries are their own
+    flat indices (asdex's public ``decompress_data``; exact in float64 below
+    2^53), and checked on a random ``B``: a decompression that combined entries
+    would fail the check (and asdex's star colouring does not)."""
+    if num_colors == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    probe = np.arange(num_colors * n, dtype=np.float64).reshape(num_colors, n)
+    at = np.asarray(asdex.decompress_data(jnp.asarray(probe), coloring))
+    idx = np.rint(at).astype(np.int64)
+    color, elem = np.divmod(idx, n)
+    B = np.random.default_rng(0).normal(size=(num_colors, n))
+    if not (np.array_equal(idx, at) and np.array_equal(np.asarray(asdex.decompress_data(jnp.asarray(B), coloring)),
+                                                      B[color, elem])):
+        raise RuntimeError("asdex's decompression is not a gather of the compressed Hessian; "
+                           "report this with your asdex version")
+    return color, elem
 
 
 class LatentGaussianHessian:
@@ -134,6 +152,10 @@ class LatentGaussianHessian:
     nll ``(N,)`` (depending on ``u`` only through ``eta``); ``latent_nll(x, u,
     data)`` a scalar.
     """
+
+    #: index arrays that its evaluation reads through jax operations only
+    #: (`tmbx._laplace.Laplace.index_data`)
+    TRACEABLE = ("ent", "prd", "obs_slots", "lat_slots", "jcolor_of_entry", "jrows", "jseeds")
 
     def __init__(self, eta_fn, obs_nll, latent_nll, x0, u0, data0, *, layout_kind=None,
                  jacobian=None, latent_diagonal=False, solver="exact"):

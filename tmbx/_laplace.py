@@ -86,9 +86,6 @@ class InnerOptions(eqx.Module):
 #: the data key under which a program receives the Laplace machinery's index
 #: arrays (`Laplace.index_data`); the template's functions never see it
 INDEX_KEY = "_tmbx_index"
-#: `tmbx._hessian.LatentGaussianHessian` index arrays that its evaluation reads
-#: through jax operations only
-HESSIAN_TRACEABLE = ("ent", "prd", "obs_slots", "lat_slots", "jcolor_of_entry", "jrows", "jseeds")
 
 
 def _strip(data):
@@ -113,7 +110,7 @@ class Laplace:
         self.f = lambda x, u, data: f(x, u, _strip(data))
         self.hessian = hessian
         self.layout = hessian.layout
-        self._hessian_index = large_arrays(hessian, HESSIAN_TRACEABLE) if hasattr(hessian, "obs_slots") else []
+        self._hessian_index = large_arrays(hessian, getattr(hessian, "TRACEABLE", ()))
         self._layout_index = large_arrays(self.layout, getattr(self.layout, "TRACEABLE", ()))
         self._bound = {}
         self._index = None
