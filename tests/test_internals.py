@@ -71,28 +71,6 @@ def test_compile_options_by_model_size(monkeypatch):
     assert compile_options({"y": np.zeros(10**6)}, 10**5) == FAST_COMPILE
 
 
-def test_first_tier_by_model_size(monkeypatch):
-    """A fit's first tier: level 0 for a small model, the default level without
-    the fusion emitters and loop-invariant code motion for data of moderate size
-    (still a large model for every other choice), none above."""
-    from tmbx._config import MID_FIRST_TIER, first_tier_options
-    from tmbx._tiered import TieredJit
-
-    monkeypatch.delenv("TMBX_FAST_COMPILE", raising=False)
-    mid = _known(MID_FIRST_TIER)
-    assert first_tier_options({"y": np.zeros(100)}, 10) == FAST_COMPILE
-    assert first_tier_options({"y": np.zeros(10**6)}, 10) == mid
-    assert first_tier_options({"y": np.zeros(100)}, 10**5) == mid
-    assert first_tier_options({"y": np.zeros(10**7)}, 10) is None
-    monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
-    assert first_tier_options({"y": np.zeros(10**6)}, 10) is None
-    monkeypatch.delenv("TMBX_FAST_COMPILE")
-    n = 6000  # latent effects: more than a small model's
-    nll = lambda p, d: 0.5 * jnp.sum((p["u"] - d["y"]) ** 2) + 0.5 * jnp.sum(p["u"] ** 2) * jnp.exp(-p["s"]) + p["s"]
-    m = tmbx.Model(nll, dict(u=np.zeros(n), s=0.0), data=dict(y=np.linspace(-1, 1, n)), random=["u"])
-    assert isinstance(m._fit_core, TieredJit) and m._fit_core._fast == mid and m._large
-
-
 def test_compile_options_unknown_to_this_xla_are_dropped():
     # (an option XLA does not know fails every compile with it)
     assert _known({"xla_backend_optimization_level": 0, "xla_tmbx_no_such_option": False}) == {

@@ -108,33 +108,6 @@ def compile_options(data, n_u: int):
     return _known(FAST_COMPILE) if small else None
 
 
-#: the first tier of a fit too large for level 0 (`first_tier_options`)
-MID_FIRST_TIER = {"xla_cpu_use_fusion_emitters": False,
-                  "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-def first_tier_options(data, n_u: int):
-    """``compiler_options`` of the first tier of a model's fit (`tmbx._tiered`;
-    None: not tiered, compiled once with `compile_options`).
-
-    A small model's fit starts at level 0 (`compile_options`). A larger one on
-    the CPU with data of at most `_MID_DATA` numbers starts at XLA's default
-    level without XLA:CPU's fusion emitters and loop-invariant code motion,
-    which halves its compile time for a slower run, and is then optimized in
-    the background as small models are. The 1e5-row Poisson ladder
-    (random slopes, 1,000 groups), compiled and run: 2.8 s / 0.60 s fully
-    optimized, 1.3 s / 1.07 s at this tier; the 1e5-row crossed Bernoulli
-    ladder 3.5 s / 1.26 s against 1.65 s / 2.12 s. Larger data keep one fully
-    optimized program: their runs are long enough to repay its compile."""
-    opts = compile_options(data, n_u)
-    if opts is not None:
-        return opts
-    force = os.environ.get("TMBX_FAST_COMPILE")
-    if (force is not None and force != "") or jax.default_backend() != "cpu" or _data_size(data) > _MID_DATA:
-        return None
-    return _known(MID_FIRST_TIER) or None
-
-
 def _data_size(data) -> int:
     """How many numbers ``data`` holds."""
     return sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree_util.tree_leaves(data))

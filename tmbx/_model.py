@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._config import compile_options, first_tier_options
+from ._config import compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
 from ._internal import sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
@@ -283,11 +283,10 @@ class Model:
         self._value_grad = jit(vg)
         grad = lambda x, u0, d: vg(x, u0, d)[1]
         self._hess = jit(jax.jacfwd(grad))
-        # a fit on data of moderate size compiles quickly first and optimized later
-        # (`tmbx._tiered`, `first_tier_options`)
-        first = first_tier_options(self.data, self.space.n_u)
-        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit", tiered=first)
-        self._fit_core = TieredJit(fit, first) if first else fit
+        # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
+        opts = self._compiler_options
+        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit", tiered=opts or None)
+        self._fit_core = TieredJit(fit, opts) if opts else fit
         # batches run long enough that XLA's full optimization pays for itself
         self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
 
