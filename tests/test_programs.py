@@ -157,12 +157,12 @@ def test_no_load_is_left_pending_for_a_program_already_compiled(program_dir):
 
 def test_old_programs_are_evicted(tmp_path, monkeypatch):
     monkeypatch.setattr(_programs, "MAX_BYTES", 250)
-    for i in range(5):
-        p = tmp_path / f"{i}.exported"
+    for i in range(5):  # programs and a template's stored colouring alike, by last use
+        p = tmp_path / (f"{i}.exported" if i % 2 else f"{i}-coloring.npz")
         p.write_bytes(b"x" * 100)
         os.utime(p, (1000 + i, 1000 + i))
     _programs._evict(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.glob("*.exported")) == ["3.exported", "4.exported"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3.exported", "4-coloring.npz"]
 
 
 # ------------------------------------------------------------- user templates

@@ -150,7 +150,7 @@ class Model:
         #: A template's own from its jaxpr (`template_digest`); `tmbx.glmm` sets
         #: its own from the call (`spec_digest`)
         self._program_key = None
-        if latent_gaussian is None and nagq == 1 and groups is None and space.n_u:
+        if latent_gaussian is None and nagq == 1 and groups is None:
             spec = dict(names=list(space.names), random=list(space.random), map=map, layout=layout, inner=inner,
                         outer=outer, quadratic=quadratic, solver=solver,
                         starts={k: np.asarray(v) for k, v in space.starts.items()})

@@ -243,17 +243,23 @@ def read_object(key: str | None, name: str) -> dict | None:
 def write_object(key: str | None, name: str, arrays: dict) -> None:
     """Store the NumPy ``arrays`` (a dict) under ``key`` for `read_object`."""
     path = _object_path(key, name)
-    if path is None:
-        return
+    if path is not None:
+        _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(file)`` into a temporary file renamed to ``path`` (a concurrent
+    reader sees all of it or nothing), then `_evict`; a failure (disk full, a
+    read-only directory) is logged: the entry is computed again next time."""
     directory, tmp = os.path.dirname(path), None
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
+            write(f)
+        os.replace(tmp, path)
         _evict(directory)
-    except Exception as e:  # noqa: BLE001 - disk full, read-only: computed next time
+    except Exception as e:  # noqa: BLE001
         log.info("tmbx program cache: %s not written (%s)", path, e)
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
@@ -507,20 +513,14 @@ class ProgramCache:
             log.info("tmbx program cache: %s not exported (%s)", self._name, e)
             return None
         if len(blob) <= MAX_PROGRAM_BYTES:
-            directory, tmp = os.path.dirname(path), None
             try:
-                os.makedirs(directory, exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path + ".json", "w") as f:  # what `prefetch` compiles it with
                     json.dump(dict(options=self._options, fast=self._tiered), f)
-                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
-                _evict(directory)
             except OSError as e:
                 log.info("tmbx program cache: not written (%s)", e)
-                if tmp is not None and os.path.exists(tmp):
-                    os.remove(tmp)
+                return exp
+            _write_atomic(path, lambda f: f.write(blob))
         return exp
 
     def _callable(self, args):
