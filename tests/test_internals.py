@@ -165,6 +165,46 @@ def test_bfgs_inverse_hessian_start_takes_newton_steps():
     assert int(plain["iterations"]) > 3
 
 
+def test_polish_is_evaluated_only_when_it_can_gain():
+    """After the search converges, the finite-difference Hessian's Newton step is
+    evaluated only when it predicts a gain above ``polish_skip`` (relative to
+    |f|). On a quadratic started from its inverse Hessian the search lands on the
+    minimizer: the polish is skipped (2 + 4 forward-difference evaluations) and
+    the result is the search's point and the Hessian; with the skip off it costs
+    one evaluation more and gives the same answer. From a point with gradient
+    still 1e-4 the step gains far above the threshold and is taken."""
+    from tmbx._optim import BFGSOptions, bfgs
+
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(4, 4))
+    H = A @ A.T + 4 * np.eye(4)
+    b = rng.normal(size=4)
+    x_star = np.linalg.solve(H, b)
+
+    def vg(x, aux, data):
+        Hd, bd = data
+        return 0.5 * x @ Hd @ x - bd @ x, Hd @ x - bd, aux
+
+    data = (jnp.asarray(H), jnp.asarray(b))
+    hinv = jnp.asarray(np.linalg.inv(H))
+    runs = {}
+    for skip in (1e-14, 0.0):
+        opts = BFGSOptions(max_step=100.0, fd_forward=True, polish_skip=skip)
+        runs[skip] = bfgs(vg, jnp.zeros(4), jnp.zeros(1), data, opts, hinv0=hinv)
+    assert int(runs[1e-14]["iterations"]) == 2 + 4 and int(runs[0.0]["iterations"]) == 2 + 4 + 1
+    for res in runs.values():
+        assert int(res["status"]) == 0
+        np.testing.assert_allclose(res["x"], x_star, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(res["hessian"], H, rtol=1e-6)
+    # a search stopped early (loose gtol) leaves a step worth taking
+    loose = BFGSOptions(max_step=100.0, fd_forward=True, gtol=1e-3)
+    res = bfgs(vg, jnp.zeros(4), jnp.zeros(1), data, loose)
+    early = bfgs(vg, jnp.zeros(4), jnp.zeros(1), data, BFGSOptions(max_step=100.0, fd_forward=True, gtol=1e-3,
+                                                                     polish=False))
+    assert int(res["iterations"]) == int(early["iterations"]) + 4 + 1
+    assert np.max(np.abs(np.asarray(res["g"]))) < np.max(np.abs(np.asarray(early["g"])))
+
+
 def test_small_block_diagonal_patterns_get_batched_blocks():
     from tmbx._sparse import ArrowLayout, DenseLayout, choose_layout
 

@@ -69,7 +69,14 @@ class BFGSOptions(eqx.Module):
     ``gain_tol``: a line search that gives up still counts as converged when a
     quasi-Newton step would gain less than this (``g' H^-1 g / 2``): the
     linear-cost path's objective is an estimate whose gradient is not exactly its
-    derivative, so near the optimum no step can show a decrease.
+    derivative, so near the optimum no step can show a decrease;
+    ``polish_skip``: the polishing Newton step is not evaluated (the search's
+    point, gradient and finite-difference Hessian are returned) when it predicts
+    a gain below ``polish_skip * max(1, |f|)``: a step of at most
+    ``sqrt(2 polish_skip |f|)`` standard errors (5e-5 at ``|f|`` = 1e5), which
+    the evaluation could not tell from the objective's rounding. It was one
+    evaluation of every fit: 9 of the 1e5-row crossed Gaussian ladder's, 11 of
+    TMB's ar1xar1 at 100 x 100.
     """
 
     max_evals: int = 1000
@@ -83,6 +90,7 @@ class BFGSOptions(eqx.Module):
     max_expand: int = 5
     noise: float = 1e-11
     gain_tol: float = 0.0
+    polish_skip: float = 1e-14
     fd_forward: bool = False
 
 
@@ -251,7 +259,11 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
                            status)
         status = jnp.where(nw & better & small_grad(ft, gt), OUTER_OK, status)
         # the polishing Newton step on the finite-difference Hessian predicts the gain
-        status = jnp.where(hs_done & good_step & (0.5 * jnp.dot(g, step) <= opt.gain_tol), OUTER_OK, status)
+        gain = 0.5 * jnp.dot(g, step)
+        status = jnp.where(hs_done & good_step & (gain <= opt.gain_tol), OUTER_OK, status)
+        # (a positive definite finite-difference Hessian: ``good_step``)
+        settled = hs_done & good_step & (gain <= opt.polish_skip * jnp.maximum(1.0, jnp.abs(f)))
+        status = jnp.where(settled, OUTER_OK, status)
         status = jnp.where(ini, jnp.where(finite_t, jnp.where(done_ini, OUTER_OK, OUTER_MAXITER),
                                           OUTER_NONFINITE), status)
         to_hessian = to_hessian | (done_ini & finite_t & polish)
@@ -260,7 +272,7 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
             ini, jnp.where(done_ini, jnp.where(finite_t & polish, _HESSIAN, _DONE), _LINESEARCH),
             jnp.where(to_hessian, _HESSIAN,
             jnp.where((finish_ok | finish_fail) & (not polish), _DONE,
-                      jnp.where(hs_done, jnp.where(good_step, _NEWTON, _DONE),
+                      jnp.where(hs_done, jnp.where(good_step & ~settled, _NEWTON, _DONE),
                                 jnp.where(nw, _DONE, phase)))))
         restart = fail_ls & exhausted & ~gave_up
         backtrack = fail_ls & ~exhausted
