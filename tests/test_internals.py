@@ -138,24 +138,28 @@ def test_batched_like_keeps_values_and_batches_every_carry():
     assert all(leaf.shape[:1] == (4,) for leaf in jax.tree_util.tree_leaves(outs))
 
 
+def _quadratic(seed):
+    """A 4-parameter quadratic ``x'Hx/2 - b'x`` for `bfgs`: ``(vg, data, H, x*)``."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(4, 4))
+    H = A @ A.T + 4 * np.eye(4)
+    b = rng.normal(size=4)
+
+    def vg(x, aux, data):
+        Hd, bd = data
+        return 0.5 * x @ Hd @ x - bd @ x, Hd @ x - bd, aux
+
+    return vg, (jnp.asarray(H), jnp.asarray(b)), H, np.linalg.solve(H, b)
+
+
 def test_bfgs_inverse_hessian_start_takes_newton_steps():
     """On a quadratic, starting from the true inverse Hessian the first step is the
     Newton step: the optimum after two evaluations; from the identity it takes more.
     Both reach the closed-form minimizer."""
     from tmbx._optim import BFGSOptions, bfgs
 
-    rng = np.random.default_rng(0)
-    A = rng.normal(size=(4, 4))
-    H = A @ A.T + 4 * np.eye(4)
-    b = rng.normal(size=4)
-    x_star = np.linalg.solve(H, b)
-
-    def vg(x, aux, data):
-        Hd, bd = data
-        return 0.5 * x @ Hd @ x - bd @ x, Hd @ x - bd, aux
-
+    vg, data, H, x_star = _quadratic(0)
     opts = BFGSOptions(polish=False, max_step=100.0)
-    data = (jnp.asarray(H), jnp.asarray(b))
     plain = bfgs(vg, jnp.zeros(4), jnp.zeros(1), data, opts)
     newton = bfgs(vg, jnp.zeros(4), jnp.zeros(1), data, opts, hinv0=jnp.asarray(np.linalg.inv(H)))
     for res in (plain, newton):
@@ -171,21 +175,11 @@ def test_polish_is_evaluated_only_when_it_can_gain():
     |f|). On a quadratic started from its inverse Hessian the search lands on the
     minimizer: the polish is skipped (2 + 4 forward-difference evaluations) and
     the result is the search's point and the Hessian; with the skip off it costs
-    one evaluation more and gives the same answer. From a point with gradient
-    still 1e-4 the step gains far above the threshold and is taken."""
+    one evaluation more and gives the same answer. After a search stopped early
+    (``gtol`` 1e-3) the step gains far above the threshold and is taken."""
     from tmbx._optim import BFGSOptions, bfgs
 
-    rng = np.random.default_rng(1)
-    A = rng.normal(size=(4, 4))
-    H = A @ A.T + 4 * np.eye(4)
-    b = rng.normal(size=4)
-    x_star = np.linalg.solve(H, b)
-
-    def vg(x, aux, data):
-        Hd, bd = data
-        return 0.5 * x @ Hd @ x - bd @ x, Hd @ x - bd, aux
-
-    data = (jnp.asarray(H), jnp.asarray(b))
+    vg, data, H, x_star = _quadratic(1)
     hinv = jnp.asarray(np.linalg.inv(H))
     runs = {}
     for skip in (1e-14, 0.0):
