@@ -321,8 +321,10 @@ def test_fit_program_takes_the_index_arrays_as_arguments():
 def test_colored_hessian_gathers_the_dense_hessian_and_takes_its_indices_as_arguments():
     """A template's latent Hessian by coloured products, each pattern entry
     gathered from the compressed matrix (indices read once off asdex's
-    decompression), equals jax.hessian's dense one, rebuilt from a stored record
-    too; in a program the gather's index arrays are arguments, not constants."""
+    decompression), equals exact Hessian columns (Hessian-vector products with
+    unit vectors), also when rebuilt from a stored record; every nonzero of those
+    columns is in the pattern; in a program the gather's index arrays are
+    arguments, not constants."""
     import math
 
     from tmbx._hessian import ColoredHessian

@@ -89,39 +89,50 @@ class ColoredHessian:
             rows, cols, colors = stored["rows"], stored["cols"], stored["colors"]
             num_colors, pick_color, pick_elem = int(stored["num_colors"]), stored["pick_color"], stored["pick_elem"]
         else:
-            fu = lambda u: f(x0, u, data0)  # data closed over: indices are constants
-            coloring = asdex.hessian_coloring(fu, u0)
-            rows, cols = np.asarray(coloring.sparsity.rows), np.asarray(coloring.sparsity.cols)
-            colors, num_colors = np.asarray(coloring.colors), int(coloring.num_colors)
-            pick_color, pick_elem = _extraction(coloring, num_colors, n)
-        self._pattern = (rows, cols, n)
-        self.num_colors = num_colors
+            # data closed over: indices are constants
+            rows, cols, colors, num_colors, pick_color, pick_elem = _detect(lambda u: f(x0, u, data0), u0)
+        self.n, self.num_colors, self._npat = n, num_colors, len(rows)
         diag = np.arange(n)
         rows = np.concatenate([rows, diag])  # keep the diagonal in the layout
         cols = np.concatenate([cols, diag])
         self.rows, self.cols = rows, cols
         self.layout = layout or choose_layout(n, rows, cols, force=layout_kind, solver=solver)
         self.colors = to_device(colors, np.int32)
-        self.slots = to_device(_slots_with_dummy(self.layout, rows[: len(pick_color)], cols[: len(pick_color)]))
+        self.slots = to_device(_slots_with_dummy(self.layout, rows[: self._npat], cols[: self._npat]))
         self.pick_color = to_device(pick_color, np.int32)
         self.pick_elem = to_device(pick_elem, np.int32)
 
     def record(self) -> dict:
         """What `stored` takes (NumPy arrays): the pattern, the colours and the
         extraction indices."""
-        rows, cols, n = self._pattern
-        return dict(shape=np.array([n, n]), rows=rows, cols=cols, colors=np.asarray(self.colors),
-                    num_colors=np.array(self.num_colors), pick_color=np.asarray(self.pick_color),
-                    pick_elem=np.asarray(self.pick_elem))
+        return dict(shape=np.array([self.n, self.n]), rows=self.rows[: self._npat], cols=self.cols[: self._npat],
+                    colors=np.asarray(self.colors), num_colors=np.array(self.num_colors),
+                    pick_color=np.asarray(self.pick_color), pick_elem=np.asarray(self.pick_elem))
 
     def __call__(self, x, u, data):
-        g = lambda uu: jax.grad(self.f, argnums=1)(x, uu, data)
-        hvp = lambda s: jax.jvp(g, (u,), (s,))[1]
-        seeds = (self.colors[None, :] == jnp.arange(max(self.num_colors, 1))[:, None]).astype(u.dtype)
-        B = jax.vmap(hvp)(seeds)
-        vals = B[self.pick_color, self.pick_elem]
+        grad = lambda uu: jax.grad(self.f, argnums=1)(x, uu, data)
+        vals = _colored_values(grad, u, self.colors, self.num_colors, self.pick_color, self.pick_elem)
         flat = jnp.zeros(self.layout.size + 1, vals.dtype)
         return flat.at[self.slots].add(vals)
+
+
+def _detect(fu, u0):
+    """asdex's pattern and star colouring of the Hessian of ``fu`` at ``u0``, as
+    ``(rows, cols, colors, num_colors, pick_color, pick_elem)`` (NumPy; the
+    last two from `_extraction`)."""
+    coloring = asdex.hessian_coloring(fu, u0)
+    rows, cols = np.asarray(coloring.sparsity.rows), np.asarray(coloring.sparsity.cols)
+    colors, num_colors = np.asarray(coloring.colors), int(coloring.num_colors)
+    return (rows, cols, colors, num_colors) + _extraction(coloring, num_colors, u0.shape[0])
+
+
+def _colored_values(grad, u, colors, num_colors, pick_color, pick_elem):
+    """The Hessian's pattern values at ``u`` (`_detect`'s order): one
+    Hessian-vector product of ``grad`` per colour (seeds built from the colours),
+    each value gathered from the compressed matrix."""
+    hvp = lambda s: jax.jvp(grad, (u,), (s,))[1]
+    seeds = (colors[None, :] == jnp.arange(max(num_colors, 1))[:, None]).astype(u.dtype)
+    return jax.vmap(hvp)(seeds)[pick_color, pick_elem]
 
 
 def _extraction(coloring, num_colors: int, n: int):
@@ -249,10 +260,8 @@ class ColoredHessianPart:
     """Coloured Hessian values (pattern order) of a scalar ``g(x, u, data)``'s ``u`` part."""
 
     def __init__(self, g0, u0):
-        self.coloring = asdex.hessian_coloring(g0, u0)
-        sp = self.coloring.sparsity
-        self.rows, self.cols = np.asarray(sp.rows), np.asarray(sp.cols)
-        self.seeds = to_device(_seeds(np.asarray(self.coloring.colors), self.coloring.num_colors))
+        self.rows, self.cols, colors, self.num_colors, pick_color, pick_elem = _detect(g0, u0)
+        self.colors, self.pick_color, self.pick_elem = (to_device(a, np.int32) for a in (colors, pick_color, pick_elem))
         self.fn = None
 
     def bind(self, g):
@@ -261,9 +270,7 @@ class ColoredHessianPart:
 
     def __call__(self, x, u, data):
         gr = lambda uu: jax.grad(self.fn, argnums=1)(x, uu, data)
-        hvp = lambda s: jax.jvp(gr, (u,), (s,))[1]
-        B = jax.vmap(hvp)(self.seeds)
-        return asdex.decompress_data(B[: self.coloring.num_colors], self.coloring)
+        return _colored_values(gr, u, self.colors, self.num_colors, self.pick_color, self.pick_elem)
 
 
 class DiagonalHessianPart(ColoredHessianPart):
