@@ -184,6 +184,35 @@ def test_mode_predictor_is_the_implicit_derivative_of_the_mode(monkeypatch):
     np.testing.assert_allclose(fit.x, plain.x, atol=1e-6)
 
 
+def test_mode_jacobian_path_differentiates_like_the_plain_objective():
+    """`objective_with_jac` takes du* = J dx from the mode's Jacobian when only x
+    is differentiated, and solves as the plain objective does when the data are
+    differentiated too: both derivatives equal the plain objective's."""
+    d, ng = _glmm_data(seed=6, ng=25)
+    model = tmbx.Model(_poisson_nll, dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng)), data=d,
+                       random=["b"])
+    lap, x, u0 = model.laplace, jnp.asarray([0.2, 0.3, -0.4]), jnp.zeros(ng)
+    data = model.data
+    plain = lambda xx, dd: lap.objective(xx, u0, dd)[0]
+    with_jac = lambda xx, dd: lap.objective_with_jac(xx, u0, dd)[0]
+    g_plain = jax.jit(jax.grad(plain))(x, data)
+    g_jac = jax.jit(jax.grad(with_jac))(x, data)
+    np.testing.assert_allclose(np.asarray(g_jac), np.asarray(g_plain), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(g_jac), _fd(lambda xx: float(plain(jnp.asarray(xx), data)), x),
+                               rtol=1e-6, atol=1e-6)
+    # a tangent in the covariate as well as in x
+    plain_c = lambda xx, cov: plain(xx, dict(data, x=cov))
+    with_jac_c = lambda xx, cov: with_jac(xx, dict(data, x=cov))
+    cov, dcov = data["x"], jnp.cos(jnp.arange(data["x"].size))
+    dx = jnp.asarray([0.3, -0.2, 0.1])
+    t_plain = jax.jvp(plain_c, (x, cov), (dx, dcov))[1]
+    t_jac = jax.jvp(with_jac_c, (x, cov), (dx, dcov))[1]
+    assert float(t_jac) == pytest.approx(float(t_plain), rel=1e-10, abs=1e-10)
+    h = 1e-6
+    fd = (float(plain_c(x + h * dx, cov + h * dcov)) - float(plain_c(x - h * dx, cov - h * dcov))) / (2 * h)
+    assert float(t_jac) == pytest.approx(fd, rel=1e-5)
+
+
 def test_inner_newton_confirms_convergence_with_a_chord_step():
     """Near the mode one factorization does: the Newton step from the start and a
     chord step with the same factor, whose decrement is below tolerance, end the

@@ -88,6 +88,19 @@ class InnerOptions(eqx.Module):
 INDEX_KEY = "_tmbx_index"
 
 
+def _is_zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+def _instantiate(t):
+    """A tangent as an array: zeros (of its tangent dtype) for a symbolic zero."""
+    if not _is_zero(t):
+        return t
+    if t.aval.dtype == jax.dtypes.float0:
+        return np.zeros(t.aval.shape, jax.dtypes.float0)
+    return jnp.zeros(t.aval.shape, t.aval.dtype)
+
+
 def _strip(data):
     if isinstance(data, dict) and INDEX_KEY in data:
         return {k: v for k, v in data.items() if k != INDEX_KEY}
@@ -313,10 +326,14 @@ class Laplace:
             val, status, F = lap._at_mode(lap.f(x, u, data), lap.flat(x, u, data), status, lap._parts(data)[1])
             return (val, u, status, jac(x, u, data, F)) if with_jac else (val, u, status)
 
-        @marginal.defjvp
         def marginal_jvp(primals, tangents):
             x, u0, data = primals
             dx, _, ddata = tangents
+            # with the mode's Jacobian at hand (`objective_with_jac`) and no data
+            # tangent (a fit's gradient), du* = J dx: a product instead of a solve,
+            # and its transpose in the gradient another product
+            by_jac = with_jac and all(map(_is_zero, jax.tree_util.tree_leaves(ddata, is_leaf=_is_zero)))
+            dx, ddata = _instantiate(dx), jax.tree_util.tree_map(_instantiate, ddata, is_leaf=_is_zero)
             # u_star (not the bare Newton loop): differentiating this rule again
             # (forward mode, for Hessians of L) then uses the implicit derivative
             u, status = lap.u_star(x, u0, data)
@@ -325,17 +342,20 @@ class Laplace:
             fval, f_lin = jax.linearize(lap.f, x, u, data)
             flat, flat_lin = jax.linearize(lap.flat, x, u, data)
             val, status, F = lap._at_mode(fval, flat, status, lap._parts(data)[1])
-            # du* = -H^-1 (d grad_u f)[dx]
-            _, rhs = jax.jvp(lambda xx, dd: lap.grad_u(xx, u, dd), (x, data), (dx, ddata))
-            du = -F.solve(rhs)
+            J = jac(x, u, data, F) if with_jac else None
+            if by_jac:
+                du = J @ dx
+            else:  # du* = -H^-1 (d grad_u f)[dx, ddata]
+                _, rhs = jax.jvp(lambda xx, dd: lap.grad_u(xx, u, dd), (x, data), (dx, ddata))
+                du = -F.solve(rhs)
             dval = f_lin(dx, du, ddata) + 0.5 * jnp.sum(F.logdet_grad() * flat_lin(dx, du, ddata))
             out = (val, u, status)
             tan = (dval, du, np.zeros(np.shape(status), dtype=jax.dtypes.float0))
             if with_jac:  # a by-product for warm starts, not differentiated
-                J = jac(x, u, data, F)
                 out, tan = out + (J,), tan + (jnp.zeros_like(J),)
             return out, tan
 
+        marginal.defjvp(marginal_jvp, symbolic_zeros=with_jac)
         return marginal
 
     def objective_with_jac(self, x, u0, data):
