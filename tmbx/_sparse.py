@@ -155,6 +155,14 @@ class _Layout:
     """Plain (non-pytree) static description; fields set by keyword."""
 
     iterative = None  # `IterativeOptions` on the linear-cost path (arrow layouts only)
+    #: whether inner Newton steps may factorize in single precision
+    #: (`tmbx._laplace.Laplace._newton_factor`): where the factorization is
+    #: LAPACK's and XLA's matrix products (dense, banded), which run twice as
+    #: fast in single precision. Not an arrow layout's: its factorization is
+    #: mostly gathers of the coupling pairs, and on the 1e5-row crossed
+    #: Bernoulli ladder single precision gained nothing (0.92 s a fit either
+    #: way) for a second copy of the Newton iteration to compile (1 s)
+    mixed = False
 
     def __init__(self, **fields):
         for k, v in fields.items():
@@ -187,6 +195,8 @@ class DenseLayout(_Layout):
     def diag_slots(self) -> np.ndarray:
         i = np.arange(self.n)
         return self.slots(i, i)
+
+    mixed = True
 
     def cost(self) -> float:
         return self.n**3 / 3.0
@@ -359,7 +369,7 @@ class ArrowLayout(_Layout):
         D, B, T = self._split(flat)
         # padded coupling columns never hold values; zeroing them keeps the factor
         # (and so `logdet_grad`) an exact function of the real entries alone
-        B = B * self.cmask()[:, None, :]
+        B = B * self.cmask().astype(B.dtype)[:, None, :]
         Lh = _chol(D)
         W = jax.vmap(_tri_solve)(Lh, B)  # Lh^-1 B   (m, k, c)
         if self.iterative is not None:
@@ -750,6 +760,7 @@ class BandedLayout(_Layout):
     nb: int
     perm: np.ndarray
     iperm: np.ndarray
+    mixed = True
 
     @property
     def kind(self) -> str:
