@@ -323,7 +323,9 @@ class Laplace:
                     g_c = self.grad_u(x, u_new, data)
                     step_c = -solve(g_c)
                     dec_c = -jnp.dot(g_c, step_c)
-                    step_c = refine(-g_c, step_c)
+                    if low:  # the step is taken only when it ends the solve
+                        step_c = jax.lax.cond(dec_c <= tolerance(f_new), lambda: refine(-g_c, step_c),
+                                              lambda: step_c)
                     return step_c, dec_c, f(u_new + step_c)
 
                 def no_chord():
