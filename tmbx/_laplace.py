@@ -398,13 +398,17 @@ class Laplace:
         status = jnp.where((status == INNER_OK) & singular, INNER_SINGULAR, status)
         return val, status, F
 
+    def mode_jacobian(self, x, u, data, F=None):
+        """``du*/dx = -H^-1 d2f/du dx`` at the mode ``u`` of ``x`` (``F``: the
+        factorization of ``H`` there, if at hand): the implicit derivative that
+        `u_star`'s rule gives, without solving for the mode again."""
+        F = self.factor(x, u, data) if F is None else F
+        cross = jax.jacfwd(lambda xx: self.grad_u(xx, u, data))(x)
+        return -F.solve(cross)
+
     def _make_marginal(self, with_jac=False):
         lap = self
-
-        def jac(x, u, data, F):
-            # du*/dx = -H^-1 d2f/du dx: the mode's first-order change with x
-            cross = jax.jacfwd(lambda xx: lap.grad_u(xx, u, data))(x)
-            return -F.solve(cross)
+        jac = self.mode_jacobian
 
         @jax.custom_jvp
         def marginal(x, u0, data):

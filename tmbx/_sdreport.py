@@ -194,11 +194,10 @@ def _random_core(model):
         lap = model.laplace
 
         def core(x, u, d):
+            # (the implicit derivative at the fit's mode: differentiating
+            # `u_star` would solve for the mode again, a Newton loop in the program)
             F = lap.factor(x, u, d)
-            if x.shape[0]:
-                J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)
-            else:
-                J = jnp.zeros((u.shape[0], 0))
+            J = lap.mode_jacobian(x, u, d, F) if x.shape[0] else jnp.zeros((u.shape[0], 0))
             return F.diag_inverse(), J
 
         model._random_core = jax.jit(core)
@@ -219,9 +218,11 @@ def _report_core(model):
             if lap is None:
                 return rep(x, u, d), jax.jacfwd(lambda xx: rep(xx, u, d))(x), None
             vals = rep(x, u, d)
-            D = jax.jacfwd(lambda xx: rep(xx, lap.u_star(xx, u, d)[0], d))(x)
-            phi_u = jax.jacfwd(lambda uu: rep(x, uu, d))(u)
             F = lap.factor(x, u, d)
+            # the total derivative in x, through the mode's implicit derivative J
+            J = lap.mode_jacobian(x, u, d, F)
+            D = jax.jacfwd(lambda xx: rep(xx, u + J @ (xx - x), d))(x)
+            phi_u = jax.jacfwd(lambda uu: rep(x, uu, d))(u)
             PHP = {}
             for k, v in vals.items():
                 Pu = phi_u[k].reshape(v.size, -1)
