@@ -824,7 +824,14 @@ class BandedLayout(_Layout):
 
         def step(Lprev, dc):
             Di, Ci = dc
-            M = _tri_solve(Lprev, Ci.T).T  # C L^-T
+            # C L^-T: LAPACK's right-side solve in double precision (11.4 ms
+            # against 13.0 ms for ar1xar1's 100 blocks of 101 with the transposes
+            # of a left-side one); in single precision the left-side one is the
+            # faster (5.6 against 6.4 ms)
+            if Ci.dtype == jnp.float64:
+                M = jax.lax.linalg.triangular_solve(Lprev, Ci, left_side=False, lower=True, transpose_a=True)
+            else:
+                M = _tri_solve(Lprev, Ci.T).T
             Li = _chol(Di - M @ M.T)
             return Li, (Li, M)
 
