@@ -159,9 +159,10 @@ class _Layout:
     #: (`tmbx._laplace.Laplace._newton_factor`): where the factorization is
     #: LAPACK's and XLA's matrix products (dense, banded), which run twice as
     #: fast in single precision. Not an arrow layout's: its factorization is
-    #: mostly gathers of the coupling pairs, and on the 1e5-row crossed
-    #: Bernoulli ladder single precision gained nothing (0.92 s a fit either
-    #: way) for a second copy of the Newton iteration to compile (1 s)
+    #: mostly gathers of the coupling pairs, and on the crossed Bernoulli
+    #: ladder single precision gained nothing (1e5 rows: 0.92 s a fit either
+    #: way; 1e6 rows, a 3,000-level dense tail: 13.8 s against 13.2 s) for a
+    #: second copy of the Newton iteration to compile (1 s at 1e5, 9 s at 1e6)
     mixed = False
 
     def __init__(self, **fields):
@@ -177,6 +178,7 @@ class DenseLayout(_Layout):
     """A dense ``n x n`` matrix stored row-major."""
 
     n: int
+    mixed = True
 
     @property
     def size(self) -> int:
@@ -195,8 +197,6 @@ class DenseLayout(_Layout):
     def diag_slots(self) -> np.ndarray:
         i = np.arange(self.n)
         return self.slots(i, i)
-
-    mixed = True
 
     def cost(self) -> float:
         return self.n**3 / 3.0
