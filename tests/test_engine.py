@@ -226,6 +226,9 @@ def test_single_precision_newton_steps_fit_like_double_precision():
         model = tmbx.Model(ex.nll, start, data=ex.lattice_data(counts), random=["eta"],
                            inner=tmbx.InnerOptions(mixed_min_cost=mixed))
         assert model.laplace._mixed_precision() == (mixed is not None)
+        if mixed is not None:  # the single-precision steps do run (no pivot lost)
+            x0, u0 = model._starts(None)
+            assert bool(model.laplace._newton_factor(x0, u0, model.data, 0.0, True)[0])
         fits[mixed] = model.fit()
     lo, hi = fits[0.0], fits[None]
     assert lo.converged and hi.converged
