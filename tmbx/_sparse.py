@@ -899,14 +899,17 @@ class BandedFactor(eqx.Module):
         products (triangular solves inside the scan run slower on CPU).
         """
         Linv = _tri_inv(self.L)
-        P = jnp.einsum("bji,bjl->bil", Linv, Linv)  # L_i^-T L_i^-1
+        # L_i^-T L_i^-1 as a batched product of the transpose (an einsum
+        # contracting both factors' first axes took 1-2 ms more of ar1xar1's
+        # 19-24 ms)
+        P = jnp.matmul(jnp.swapaxes(Linv, 1, 2), Linv)
         Y = self.M @ Linv[:-1]
 
         def step(Snext, inp):
             Pi, Yi = inp
-            Sub = -Snext @ Yi
-            Sii = Pi - Yi.T @ Sub
-            return Sii, (Sii, Sub)
+            W = Snext @ Yi
+            Sii = Pi + Yi.T @ W
+            return Sii, (Sii, -W)
 
         _, (Sd, Ssub) = jax.lax.scan(step, P[-1], (P[:-1], Y), reverse=True)
         return jnp.concatenate([Sd, P[-1:]]), Ssub
