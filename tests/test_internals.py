@@ -395,3 +395,18 @@ def test_stable_argsort_matches_numpys_stable_sort():
     n = 5000
     a = rng.choice(np.array([2**62 // n, 2**63 // n + 1]), n)
     np.testing.assert_array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))
+
+
+@pytest.mark.parametrize("shape", [(5,), (63,), (64,), (3, 101), (200,), (2, 130)])
+def test_triangular_inverse_by_blocks_matches_numpy(shape):
+    """`_tri_inv` splits factors from order 64 into 2 x 2 blocks (recursively):
+    the inverse of batched and single lower-triangular factors equals NumPy's."""
+    from tmbx._sparse import _tri_inv
+
+    *batch, n = shape
+    rng = np.random.default_rng(n)
+    A = rng.normal(size=(*batch, n, n))
+    L = np.linalg.cholesky(A @ np.swapaxes(A, -1, -2) + n * np.eye(n))
+    got = np.asarray(jax.jit(_tri_inv)(jnp.asarray(L)))
+    np.testing.assert_allclose(got, np.linalg.inv(L), rtol=1e-10, atol=1e-12)
+    assert np.all(np.triu(got, 1) == 0.0)

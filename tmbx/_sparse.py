@@ -74,10 +74,28 @@ def _logdiag(L):
     return jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)))
 
 
+#: the order from which `_tri_inv` splits a factor in two
+TRI_INV_SPLIT = 64
+
+
 def _tri_inv(L):
-    """L^-1 of a (batch of) lower-triangular factor(s)."""
-    eye = jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape)
-    return _tri_solve(L, eye)
+    """L^-1 of a (batch of) lower-triangular factor(s).
+
+    From order `TRI_INV_SPLIT` by 2 x 2 blocks, ``[[A, 0], [C, B]]^-1 =
+    [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``: LAPACK's triangular solve against the
+    identity costs ``n^3`` (it cannot skip the identity's zeros) where the
+    inverse needs ``n^3 / 3``, and the off-diagonal block is then two
+    (batched, multi-threaded) matrix products. ar1xar1 100 x 100's 100 blocks
+    of 101: 3 ms against 9-17 ms, a third of its selected inverse."""
+    n = L.shape[-1]
+    if n < TRI_INV_SPLIT:
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)
+        return _tri_solve(L, eye)
+    h = n // 2
+    Ai, Bi = _tri_inv(L[..., :h, :h]), _tri_inv(L[..., h:, h:])
+    X = -(Bi @ (L[..., h:, :h] @ Ai))
+    zeros = jnp.zeros(L.shape[:-2] + (h, n - h), L.dtype)
+    return jnp.concatenate([jnp.concatenate([Ai, zeros], axis=-1), jnp.concatenate([X, Bi], axis=-1)], axis=-2)
 
 
 def _recursive(n: int) -> bool:
