@@ -86,15 +86,26 @@ def _tri_inv(L):
     identity costs ``n^3`` (it cannot skip the identity's zeros) where the
     inverse needs ``n^3 / 3``, and the off-diagonal block is then two
     (batched, multi-threaded) matrix products. ar1xar1 100 x 100's 100 blocks
-    of 101: 3 ms against 9-17 ms, a third of its selected inverse."""
+    of 101: 3 ms against 9-17 ms, a third of its selected inverse.
+
+    ``A`` (padded with a unit diagonal to ``B``'s order) and ``B`` are inverted
+    in one batched call: two independent batched LAPACK calls in one program
+    can deadlock jaxlib's CPU thread pool (`tmbx._config._xla_flags`; it hung
+    `sdreport` when they were two)."""
     n = L.shape[-1]
     if n < TRI_INV_SPLIT:
         eye = jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)
         return _tri_solve(L, eye)
     h = n // 2
-    Ai, Bi = _tri_inv(L[..., :h, :h]), _tri_inv(L[..., h:, h:])
-    X = -(Bi @ (L[..., h:, :h] @ Ai))
-    zeros = jnp.zeros(L.shape[:-2] + (h, n - h), L.dtype)
+    m = n - h
+    A, B, C = L[..., :h, :h], L[..., h:, h:], L[..., h:, :h]
+    if m > h:
+        pad = [(0, 0)] * (L.ndim - 2) + [(0, m - h), (0, m - h)]
+        A = jnp.pad(A, pad).at[..., h:, h:].set(jnp.eye(m - h, dtype=L.dtype))
+    both = _tri_inv(jnp.stack([A, B]))
+    Ai, Bi = both[0][..., :h, :h], both[1]
+    X = -(Bi @ (C @ Ai))
+    zeros = jnp.zeros(L.shape[:-2] + (h, m), L.dtype)
     return jnp.concatenate([jnp.concatenate([Ai, zeros], axis=-1), jnp.concatenate([X, Bi], axis=-1)], axis=-2)
 
 
