@@ -265,14 +265,15 @@ def test_newton_goes_on_in_double_precision_where_single_fails():
     x, u0, data = jnp.asarray([0.5]), jnp.zeros(n), model.data
     ok_single = lap[0.0]._newton_factor(x, u0, data, 0.0, True)[0]
     assert not bool(ok_single)
+    double = jax.jit(lambda xx: lap[None].newton(xx, u0, data))
     u_lo, status_lo, _ = jax.jit(lambda xx: lap[0.0].newton(xx, u0, data))(x)
-    u_hi, status_hi, _ = jax.jit(lambda xx: lap[None].newton(xx, u0, data))(x)
+    u_hi, status_hi, _ = double(x)
     assert int(status_lo) == 0 and int(status_hi) == 0
     np.testing.assert_allclose(np.asarray(u_lo), np.asarray(u_hi), rtol=1e-9, atol=1e-9)
     xs = jnp.asarray([[0.2], [0.5], [0.9]])
     batched = jax.jit(jax.vmap(lambda xx: lap[0.0].newton(xx, u0, data)))(xs)
     for i in range(3):
-        single = jax.jit(lambda xx: lap[None].newton(xx, u0, data))(xs[i])
+        single = double(xs[i])
         assert int(batched[1][i]) == 0
         np.testing.assert_allclose(np.asarray(batched[0][i]), np.asarray(single[0]), rtol=1e-9, atol=1e-9)
 

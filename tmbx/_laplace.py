@@ -197,9 +197,12 @@ class Laplace:
         hessian = self._parts(data)[0]
         return hessian(x, u, _strip(data)).at[self._pad_slots].add(self._pad_values)[:-1]
 
-    def factor(self, x, u, data, damping=0.0):
+    def factor(self, x, u, data, damping=0.0, dtype=None):
+        """The layout's factorization of ``H + damping I`` at ``u`` (in ``dtype``
+        if given: `_newton_factor`'s single precision)."""
         _, layout, diag = self._parts(data)
-        return layout.factor(self.flat(x, u, data).at[diag].add(damping))
+        flat = self.flat(x, u, data).at[diag].add(damping)
+        return layout.factor(flat if dtype is None else flat.astype(dtype))
 
     def _mixed_precision(self) -> bool:
         """Whether the inner Newton steps factorize in single precision
@@ -223,12 +226,10 @@ class Laplace:
         Hessian-vector product, makes the last step as accurate as a
         double-precision solve's (error ``(cond(H) * 6e-8)^2``). In double
         precision ``refine`` returns ``s``."""
-        _, layout, diag = self._parts(data)
-        flat = self.flat(x, u, data).at[diag].add(lam)
         if not low:
-            F = layout.factor(flat)
+            F = self.factor(x, u, data, lam)
             return F.ok(), F.solve, lambda b, s: s
-        F = layout.factor(flat.astype(jnp.float32))
+        F = self.factor(x, u, data, lam, jnp.float32)
         dtype = u.dtype
 
         def solve(b):
