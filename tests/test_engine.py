@@ -305,12 +305,14 @@ def test_large_model_outer_loop_forward_hessian_and_gauss_newton_start(monkeypat
     starts from the Gauss-Newton diagonal: the Hessian still matches the exact one
     (forward-over-reverse through the implicit derivatives) and central
     differences, and the fit reaches the optimum of a fit with central
-    differences and the identity start."""
+    differences and the identity start. Its search goes to the Hessian early
+    (``early_hessian``), and the Hessian of that point still matches the exact one
+    at the optimum."""
     monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
     d, ng = _glmm_data(seed=6, ng=40, per=10)
     params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
     model = tmbx.Model(_poisson_nll, params, data=d, random=["b"])
-    assert model._predicts(3) and model._outer_options().fd_forward
+    assert model._predicts(3) and model._outer_options().fd_forward and model._outer_options().early_hessian > 0
     fit = model.fit()
     assert fit.converged, fit.message
     H_exact = fit.exact_hessian()

@@ -71,6 +71,8 @@ class LatentGaussian:
 ITERATIVE_GAIN = 1e-4
 #: the forward-difference Hessian's step (relative to max(1, |x|)), see `BFGSOptions`
 FORWARD_FD_STEP = 1e-5
+#: where the search of a large model goes to its finite-difference Hessian, see `BFGSOptions`
+EARLY_HESSIAN = 1e-9
 
 
 def outer_options(options: BFGSOptions, *, iterative: bool, large: bool) -> BFGSOptions:
@@ -78,11 +80,15 @@ def outer_options(options: BFGSOptions, *, iterative: bool, large: bool) -> BFGS
     one (`Model`, the profiled LMM): on the linear-cost path a search that gives up
     within `ITERATIVE_GAIN` of the optimum counts as converged (see `BFGSOptions`);
     a large model on the exact path takes its finite-difference Hessian by forward
-    differences at step `FORWARD_FD_STEP`, unless the user set ``fd_step``."""
+    differences at step `FORWARD_FD_STEP`, unless the user set ``fd_step``, and
+    goes to it early (``early_hessian`` `EARLY_HESSIAN`, unless the user set it):
+    both trade a relative 1e-5 of the Hessian for evaluations that cost."""
     if iterative:
         return eqx.tree_at(lambda o: o.gain_tol, options, max(options.gain_tol, ITERATIVE_GAIN))
     if large and options.fd_step == BFGSOptions.fd_step:
-        return eqx.tree_at(lambda o: (o.fd_forward, o.fd_step), options, (True, FORWARD_FD_STEP))
+        options = eqx.tree_at(lambda o: (o.fd_forward, o.fd_step), options, (True, FORWARD_FD_STEP))
+    if large and options.early_hessian == BFGSOptions.early_hessian:
+        options = eqx.tree_at(lambda o: o.early_hessian, options, EARLY_HESSIAN)
     return options
 
 
