@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats as jst
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats as st
 
@@ -302,7 +303,8 @@ def test_inner_newton_confirms_convergence_with_a_chord_step():
 def test_large_model_outer_loop_forward_hessian_and_gauss_newton_start(monkeypatch):
     """With the mode predictor (a model compiled fully optimized) the fit's Hessian
     comes from forward differences of the exact gradient at step 1e-5 and BFGS
-    starts from the Gauss-Newton diagonal: the Hessian still matches the exact one
+    starts from the Gauss-Newton diagonal (asked for: a general template's default
+    is the identity, a formula model's the Gauss-Newton diagonal): the Hessian still matches the exact one
     (forward-over-reverse through the implicit derivatives) and central
     differences, and the fit reaches the optimum of a fit with central
     differences and the identity start. Its search goes to the Hessian early
@@ -311,8 +313,12 @@ def test_large_model_outer_loop_forward_hessian_and_gauss_newton_start(monkeypat
     monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
     d, ng = _glmm_data(seed=6, ng=40, per=10)
     params = dict(beta=np.zeros(2), logsdb=0.0, b=np.zeros(ng))
-    model = tmbx.Model(_poisson_nll, params, data=d, random=["b"])
+    assert not tmbx.Model(_poisson_nll, params, data=d, random=["b"])._gauss_newton_start()
+    model = tmbx.Model(_poisson_nll, params, data=d, random=["b"], outer=tmbx.BFGSOptions(gauss_newton_start=True))
     assert model._predicts(3) and model._outer_options().fd_forward and model._outer_options().early_hessian > 0
+    assert model._gauss_newton_start()
+    df = pd.DataFrame(dict(y=d["y"], x=d["x"], g=[f"g{i}" for i in d["g"]]))
+    assert tmbx.glmm("y ~ x + (1|g)", data=df, family="poisson").model._gauss_newton_start()
     fit = model.fit()
     assert fit.converged, fit.message
     H_exact = fit.exact_hessian()

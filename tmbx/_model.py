@@ -352,6 +352,13 @@ class Model:
         val = jnp.where(status != INNER_OK, jnp.inf, val)
         return val, g, (u, x, J_new)
 
+    def _gauss_newton_start(self) -> bool:
+        """Whether a fit that predicts the mode starts BFGS from `_gauss_newton`'s
+        diagonal (``BFGSOptions.gauss_newton_start``; by default for a template
+        declared latent-Gaussian)."""
+        choice = self.options.gauss_newton_start
+        return self._laplace_args[0] is not None if choice is None else bool(choice)
+
     def _gauss_newton(self, x, aux, d):
         """The marginal's Hessian in ``x`` without the log-determinant's share:
         ``f_xx + f_xu du*/dx`` at the mode (the Hessian of the joint nll with ``u``
@@ -381,7 +388,7 @@ class Model:
         if self._predicts(x0.shape[0]):
             aux0 = (u0, x0, jnp.zeros((u0.shape[0], x0.shape[0]), u0.dtype))
             res = bfgs(self._vg_predict, x0, aux0, d, self._outer_options(),
-                       curvature=self._gauss_newton)
+                       curvature=self._gauss_newton if self._gauss_newton_start() else None)
             u = res["aux"][0]
         else:
             res = bfgs(self._vg, x0, u0, d, self._outer_options())
