@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu.py --out DIR                         # every section
     python benchmarks/bench_gpu.py --out DIR --sections boot --nsim 2000 --genes 200   # a small run (CPU too)
+    python benchmarks/bench_gpu.py --out DIR --sections env,tests,ar1xar1   # the engine core on the device
 
 Sections, each written to ``DIR/<section>.json`` as soon as it ends (a run
 stopped at its time limit keeps what it finished):
@@ -14,6 +15,13 @@ stopped at its time limit keeps what it finished):
   (compilation included) and a second one;
 - ``glmm``: `bench_glmm.py` with tmbx alone (cold and warm persistent cache,
   a fresh process each) on ``--glmm-cases``;
+- ``ar1xar1``: `bench_ar1xar1.py` with tmbx alone (``--skip-tmb``: the device
+  machine has no R; TMB's CPU figures are in benchmarks/README) on
+  ``--ar1-sizes``: first fit without a cache, with an empty and a warm one,
+  repeated fits, ``sdreport``;
+- ``tests``: ``pytest -q`` on ``--tests`` (the engine core's and the glmmTMB
+  reference cases' by default), stopped after ``--tests-timeout`` seconds; its
+  summary line and failures;
 - ``trace``: where the time of one fit goes, on ``--trace-case``: the jitted
   pieces of one Laplace evaluation at the optimum (`_profile.profile_model`),
   then a `jax.profiler` trace of one objective+gradient and of one refit,
@@ -55,6 +63,9 @@ def main():
     ap.add_argument("--glmm-cases", default="ladder_single_1e5,ladder_crossed_1e5,ladder_crossbin_1e5,insteval_crossed")
     ap.add_argument("--trace-case", default="ladder_crossbin_1e5")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ar1-sizes", default="50,100")
+    ap.add_argument("--tests", default="tests/test_engine.py tests/test_internals.py tests/test_reference_cases.py")
+    ap.add_argument("--tests-timeout", type=int, default=400)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     sections = args.sections.split(",")
@@ -82,6 +93,13 @@ def main():
         res = time_glmm_batch(df, device=None)
         res["loglik_finite"] = int(sum(v == v and abs(v) < float("inf") for v in res.pop("loglik").values()))
         _write(args.out, "genes", dict(cells=args.cells, generate_seconds=gen, **res))
+    if "ar1xar1" in sections:
+        out = os.path.join(args.out, "ar1xar1_full.json")
+        r = subprocess.run([sys.executable, os.path.join(HERE, "bench_ar1xar1.py"), "--skip-tmb", "--sizes",
+                            *args.ar1_sizes.split(","), "--out", out], capture_output=True, text=True)
+        print(r.stdout[-4000:], r.stderr[-2000:], flush=True)
+    if "tests" in sections:
+        _write(args.out, "tests", run_tests(args.tests.split(), args.tests_timeout))
     if "trace" in sections:
         _write(args.out, "trace", trace_case(args.trace_case, args.top))
     if "glmm" in sections:
@@ -89,6 +107,26 @@ def main():
         r = subprocess.run([sys.executable, os.path.join(HERE, "bench_glmm.py"), "--cases", args.glmm_cases,
                             "--tools", "tmbx_cold,tmbx_warm", "--out", out], capture_output=True, text=True)
         print(r.stdout[-4000:], r.stderr[-2000:], flush=True)
+
+
+def run_tests(paths, timeout: int) -> dict:
+    """``pytest -q`` on ``paths`` from the checkout's root, on this machine's
+    default JAX backend; the summary line, the failures and the seconds."""
+    import jax
+
+    root = os.path.dirname(HERE)
+    t = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
+                           cwd=root, capture_output=True, text=True, timeout=timeout)
+        out, code = r.stdout, r.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code = "timeout"
+    lines = out.strip().splitlines()
+    return dict(backend=jax.default_backend(), paths=paths, returncode=code,
+                seconds=time.perf_counter() - t, summary=lines[-1] if lines else "",
+                failures=[ln for ln in lines if ln.startswith(("FAILED", "ERROR"))])
 
 
 def _kernel_totals(trace_dir: str, top: int) -> dict:
