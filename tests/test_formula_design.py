@@ -379,3 +379,19 @@ def test_new_design_ar1_and_coordinates():
     d = build("z ~ 1 + exp(pos(x, y) + 0|group)", t)
     nd = new_design(d, t.iloc[[7, 2]])
     np.testing.assert_array_equal(nd.components["cond"].re[0].Z, d.components["cond"].re[0].Z[[7, 2]])
+
+
+def test_level_labels_are_r_as_character():
+    """Factor levels are labelled as R's ``as.character`` writes them, whatever
+    the column's type: strings as they are (taken whole, not value by value:
+    700,000 levels of a crossed design), integers without a decimal point,
+    doubles with 15 significant digits, logicals as TRUE/FALSE, and a mixed
+    object column value by value."""
+    from tmbx.formula._groups import r_labels
+
+    assert r_labels(pd.Index(["b", "a 1", ""])) == ["b", "a 1", ""]
+    assert r_labels(np.array(["x", "y"])) == ["x", "y"]
+    assert r_labels(np.array([3, 10])) == ["3", "10"]
+    assert r_labels(np.array([1.0, 2.5, 0.1 + 0.2])) == ["1", "2.5", "0.3"]
+    assert r_labels(np.array([True, False])) == ["TRUE", "FALSE"]
+    assert r_labels(pd.Index(["a", 1, 2.5, True], dtype=object)) == ["a", "1", "2.5", "TRUE"]

@@ -35,6 +35,8 @@ def r_labels(values) -> list[str]:
         return np.where(v, "TRUE", "FALSE").tolist()
     if v.dtype.kind in "iu":
         return v.astype(str).tolist()
+    if v.dtype.kind == "U" or (v.dtype.kind == "O" and pd.api.types.infer_dtype(v, skipna=False) == "string"):
+        return [str(x) for x in v.tolist()]  # strings are their own labels (no per-value dispatch)
     return [r_label(x) for x in values]
 
 
