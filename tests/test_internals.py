@@ -250,8 +250,9 @@ def test_early_hessian_switch_resumes_the_search_where_newton_fails():
     accepted step), where the Newton step on the finite-difference Hessian
     overshoots (log cosh's curvature vanishes away from its centre): the search
     resumes from the better point and still finds the minimizer, with status OK
-    and the Hessian of the minimizer (its final polish)."""
-    from tmbx._optim import BFGSOptions, bfgs
+    and the Hessian of the minimizer (its final polish); stopped by its budget
+    after resuming, it does not report convergence."""
+    from tmbx._optim import OUTER_MAXITER, BFGSOptions, bfgs
 
     vg, data, hess, x_star = _logcosh(3)
     trials = []
@@ -272,6 +273,12 @@ def test_early_hessian_switch_resumes_the_search_where_newton_fails():
     # switch point, and the search went on from there
     assert trials[5] > trials[1] and len(trials) > 6
     assert min(trials) == pytest.approx(float(res["f"]), abs=1e-12)
+    # a Newton step predicted to gain less than ``gain_tol`` counts as converged
+    # only where it is taken: resumed, a search stopped by its budget is not
+    loose = BFGSOptions(max_step=100.0, fd_forward=True, fd_step=1e-6, early_hessian=1e3, gain_tol=1e3)
+    for budget in (6, 8):
+        cut = bfgs(vg, x0, jnp.zeros(1), data, loose, max_evals=budget)
+        assert int(cut["iterations"]) == budget and int(cut["status"]) == OUTER_MAXITER
 
 
 def test_small_block_diagonal_patterns_get_batched_blocks():
