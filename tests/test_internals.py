@@ -251,7 +251,9 @@ def test_early_hessian_switch_resumes_the_search_where_newton_fails():
     overshoots (log cosh's curvature vanishes away from its centre): the search
     resumes from the better point and still finds the minimizer, with status OK
     and the Hessian of the minimizer (its final polish); stopped by its budget
-    after resuming, it does not report convergence."""
+    after resuming, it does not report convergence. Where the Newton trial
+    improves without converging, the search resumes with the differenced
+    Hessian as its metric."""
     from tmbx._optim import OUTER_MAXITER, BFGSOptions, bfgs
 
     vg, data, hess, x_star = _logcosh(3)
@@ -279,6 +281,22 @@ def test_early_hessian_switch_resumes_the_search_where_newton_fails():
     for budget in (6, 8):
         cut = bfgs(vg, x0, jnp.zeros(1), data, loose, max_evals=budget)
         assert int(cut["iterations"]) == budget and int(cut["status"]) == OUTER_MAXITER
+    # nearer (1 from the minimizer) the Newton trial improves but leaves a gradient:
+    # the search resumes with the differenced Hessian's inverse (at the switch
+    # point, evaluation 2) as its metric, so its next trial is that Newton step
+    points = []
+
+    def logged_x(x, aux, d):
+        f, g, a = vg(x, aux, d)
+        jax.debug.callback(lambda xx, ff, gg: points.append((np.asarray(xx), float(ff), np.asarray(gg))), x, f, g)
+        return f, g, a
+
+    res = bfgs(logged_x, jnp.asarray(x_star) + 1.0, jnp.zeros(1), data, opts)
+    assert int(res["status"]) == 0
+    np.testing.assert_allclose(res["x"], x_star, rtol=0, atol=1e-7)
+    (x2, f2, _), (x6, f6, g6), (x7, _, _) = points[1], points[5], points[6]
+    assert f6 < f2 and np.max(np.abs(g6)) > 1e-3
+    np.testing.assert_allclose(x7, x6 - np.linalg.solve(hess(x2), g6), atol=1e-6)
 
 
 def test_small_block_diagonal_patterns_get_batched_blocks():

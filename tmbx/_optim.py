@@ -308,9 +308,9 @@ def bfgs(value_and_grad, x0, aux0, data, options: BFGSOptions = BFGSOptions(), m
         early_on = st["early"]
         converged_nw = better & small_grad(ft, gt)
         resume = early_on & ((hs_done & ~good_step) | (nw & ~converged_nw))
-        L_nw = jnp.linalg.cholesky(st["H"])
-        H_inv_nw = jax.scipy.linalg.cho_solve((L_nw, True), eye)
-        Hinv_r = jnp.where(nw & better & jnp.all(jnp.isfinite(H_inv_nw)), H_inv_nw, Hinv)
+        # (in the Newton phase ``L`` is still the differenced Hessian's factor: G is
+        # reset only when a Hessian phase starts)
+        Hinv_r = jnp.where(nw & better & good_step, jax.scipy.linalg.cho_solve((L, True), eye), Hinv)
         p_r = direction(Hinv_r, new_g, False)
         # (a Newton step that gained less than ``gain_tol`` set OK; the search goes on)
         status = jnp.where(resume, OUTER_MAXITER, status)
