@@ -108,10 +108,14 @@ class Bell(Family):
         return jnp.log(w), w
 
     def _log_prob(self, y, eta, disp, psi, trials):
+        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
+
+    def _log_kernel(self, y, eta, disp, psi, trials):
         log_theta, theta = self._theta(eta)
-        log_b = per_obs(log_bell_number, y)
-        pos = jnp.where(y > 0, y * log_theta, 0.0)
-        return pos - jnp.expm1(theta) + log_b - lfactorial(y)
+        return jnp.where(y > 0, y * log_theta, 0.0) - jnp.expm1(theta)
+
+    def _log_norm(self, y, trials):
+        return per_obs(log_bell_number, y) - lfactorial(y)
 
     def _log_prob_zero(self, eta, disp, psi, trials):
         return -jnp.expm1(self._theta(eta)[1])

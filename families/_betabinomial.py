@@ -14,12 +14,13 @@ from ._binomial import BINOMIAL_LINKS, check_successes
 from ._math import lchoose, log_sigmoid, logspace_gamma
 
 
-def betabinomial_log_prob(y, n, log_a, log_b):
+def betabinomial_log_prob(y, n, log_a, log_b, lchoose_ny=None):
     """``log P(y)`` for ``BetaBinomial(n, a, b)`` from ``log a`` and ``log b``.
 
     ``lchoose(n, y) + lgamma(y + a) + lgamma(n - y + b) - lgamma(n + a + b)
     + lgamma(a + b) - lgamma(a) - lgamma(b)``, with ``lgamma`` of a quantity
     known on the log scale evaluated as glmmTMB's ``logspace_gamma``.
+    ``lchoose_ny``: ``lchoose(n, y)`` if known (0 for the family's kernel).
     """
     a, b = jnp.exp(log_a), jnp.exp(log_b)
     log_y = jnp.log(jnp.where(y > 0, y, 1.0))
@@ -27,7 +28,7 @@ def betabinomial_log_prob(y, n, log_a, log_b):
     lg_ya = jnp.where(y > 0, logspace_gamma(jnp.logaddexp(log_y, log_a)), logspace_gamma(log_a))
     lg_nyb = jnp.where(n - y > 0, logspace_gamma(jnp.logaddexp(log_nmy, log_b)), logspace_gamma(log_b))
     return (
-        lchoose(n, y)
+        (lchoose(n, y) if lchoose_ny is None else lchoose_ny)
         + lg_ya
         + lg_nyb
         - gammaln(n + a + b)
@@ -74,6 +75,13 @@ class BetaBinomial(Family):
     def _log_prob(self, y, eta, disp, psi, trials):
         log_a, log_b = self._log_ab(eta, disp)
         return betabinomial_log_prob(y, trials, log_a, log_b)
+
+    def _log_kernel(self, y, eta, disp, psi, trials):
+        log_a, log_b = self._log_ab(eta, disp)
+        return betabinomial_log_prob(y, trials, log_a, log_b, lchoose_ny=0.0)
+
+    def _log_norm(self, y, trials):
+        return lchoose(trials, y)
 
     def _variance(self, eta, disp, psi, trials):
         mu = self.link.inverse(eta)

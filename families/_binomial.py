@@ -38,7 +38,11 @@ def check_successes(y, trials, family: str):
 
 def binomial_log_prob(y, n, logit_p):
     """``lchoose(n, y) + y log p + (n - y) log(1 - p)`` from ``logit(p)``."""
-    return lchoose(n, y) + y * logit_p - n * jax.nn.softplus(logit_p)
+    return lchoose(n, y) + _binomial_kernel(y, n, logit_p)
+
+
+def _binomial_kernel(y, n, logit_p):
+    return y * logit_p - n * jax.nn.softplus(logit_p)
 
 
 @final
@@ -67,6 +71,12 @@ class Binomial(Family):
 
     def _log_prob(self, y, eta, disp, psi, trials):
         return binomial_log_prob(y, trials, self.link.logit_inverse(eta))
+
+    def _log_kernel(self, y, eta, disp, psi, trials):
+        return _binomial_kernel(y, trials, self.link.logit_inverse(eta))
+
+    def _log_norm(self, y, trials):
+        return lchoose(trials, y)
 
     def _variance(self, eta, disp, psi, trials):
         p = self.link.inverse(eta)

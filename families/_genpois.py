@@ -11,12 +11,13 @@ from ._base import Family, require_counts
 from ._math import lfactorial
 
 
-def genpois_log_prob(y, log_mu, disp):
+def genpois_log_prob(y, log_mu, disp, lfact=None):
     """``log dgenpois(y, theta, lambda)`` with ``theta = mu / sqrt(phi)``,
     ``lambda = 1 - 1 / sqrt(phi)``, ``phi = exp(disp)``:
     ``log theta + (y - 1) log(theta + lambda y) - theta - lambda y - lgamma(y + 1)``.
 
     ``-inf`` where ``theta + lambda y <= 0`` (possible when ``phi < 1``).
+    ``lfact``: the ``lgamma(y + 1)`` to use, if known (0 for the family's kernel).
     """
     inv_sqrt_phi = jnp.exp(-0.5 * disp)
     log_theta = log_mu - 0.5 * disp
@@ -27,8 +28,13 @@ def genpois_log_prob(y, log_mu, disp):
     # (y - 1) log(theta + lambda y) + log(theta), written so y = 0 is exact:
     log_arg = jnp.log(jnp.where(ok, arg, 1.0))
     core = jnp.where(y == 0, 0.0, log_theta + (y - 1.0) * log_arg)
-    val = core - theta - lam * y - lfactorial(y)
+    val = core - theta - lam * y - (lfactorial(y) if lfact is None else lfact)
     return jnp.where(ok | (y == 0), val, -jnp.inf)
+
+
+def _genpois_kernel(y, log_mu, disp):
+    """`genpois_log_prob` without its ``-lfactorial(y)``."""
+    return genpois_log_prob(y, log_mu, disp, lfact=0.0)
 
 
 @final
@@ -55,6 +61,12 @@ class GeneralizedPoisson(Family):
 
     def _log_prob(self, y, eta, disp, psi, trials):
         return genpois_log_prob(y, self.link.log_inverse(eta), disp)
+
+    def _log_kernel(self, y, eta, disp, psi, trials):
+        return _genpois_kernel(y, self.link.log_inverse(eta), disp)
+
+    def _log_norm(self, y, trials):
+        return -lfactorial(y)
 
     def _log_prob_zero(self, eta, disp, psi, trials):
         return -self.link.inverse(eta) * jnp.exp(-0.5 * disp)

@@ -25,11 +25,14 @@ from ._math import lfactorial, lgamma_ratio, log_sigmoid, xlogy
 
 def nbinom_log_prob(y, log_mu, log_var_minus_mu):
     """TMB's ``dnbinom_robust(y, log_mu, log_var_minus_mu, give_log = TRUE)``."""
+    return _nbinom_kernel(y, log_mu, log_var_minus_mu) - lfactorial(y)
+
+
+def _nbinom_kernel(y, log_mu, log_var_minus_mu):
+    """`nbinom_log_prob` without its ``-lfactorial(y)``."""
     logit_p = log_mu - log_var_minus_mu
     size = jnp.exp(log_mu + logit_p)
-    log_p = log_sigmoid(logit_p)
-    log_1mp = log_sigmoid(-logit_p)
-    return size * log_p + lgamma_ratio(size, y) - lfactorial(y) + y * log_1mp
+    return size * log_sigmoid(logit_p) + lgamma_ratio(size, y) + y * log_sigmoid(-logit_p)
 
 
 def _nb_size_logit(log_mu, log_var_minus_mu):
@@ -55,7 +58,13 @@ class _NegativeBinomial(Family):
         return log_mu, self._log_excess(log_mu, disp, psi)
 
     def _log_prob(self, y, eta, disp, psi, trials):
-        return nbinom_log_prob(y, *self._lm_le(eta, disp, psi))
+        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
+
+    def _log_kernel(self, y, eta, disp, psi, trials):
+        return _nbinom_kernel(y, *self._lm_le(eta, disp, psi))
+
+    def _log_norm(self, y, trials):
+        return -lfactorial(y)
 
     def _variance(self, eta, disp, psi, trials):
         log_mu, log_excess = self._lm_le(eta, disp, psi)
@@ -106,13 +115,13 @@ class NegativeBinomial2(_NegativeBinomial):
     def _log_excess(self, log_mu, disp, psi):
         return 2.0 * log_mu - disp
 
-    def _log_prob(self, y, eta, disp, psi, trials):
+    def _log_kernel(self, y, eta, disp, psi, trials):
         # dnbinom_robust's value with its size written as exp(disp) (= mu * p / (1 - p)
         # exactly): the size then does not depend on eta, so the derivatives in eta that
         # the Laplace approximation takes (up to third order) skip the lgamma terms
         logit_p = disp - self.link.log_inverse(eta)
         size = jnp.exp(disp)
-        return size * log_sigmoid(logit_p) + lgamma_ratio(size, y) - lfactorial(y) + y * log_sigmoid(-logit_p)
+        return size * log_sigmoid(logit_p) + lgamma_ratio(size, y) + y * log_sigmoid(-logit_p)
 
     def _deviance_residuals(self, y, eta, disp, psi, trials):
         return _nb2_deviance(y, self.link.inverse(eta), jnp.exp(disp))

@@ -32,11 +32,17 @@ class Poisson(Family):
     default_link: ClassVar[str] = "log"
     allowed_links: ClassVar[tuple[str, ...]] = ("log", "identity", "sqrt")
 
-    def _log_prob(self, y, eta, disp, psi, trials):
+    def _log_kernel(self, y, eta, disp, psi, trials):
         log_mu = self.link.log_inverse(eta)
         y_pos = y > 0
         term = jnp.where(y_pos, y * jnp.where(y_pos, log_mu, 0.0), 0.0)
-        return term - self.link.inverse(eta) - lfactorial(y)
+        return term - self.link.inverse(eta)
+
+    def _log_norm(self, y, trials):
+        return -lfactorial(y)
+
+    def _log_prob(self, y, eta, disp, psi, trials):
+        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
 
     def _log_prob_zero(self, eta, disp, psi, trials):
         return -self.link.inverse(eta)

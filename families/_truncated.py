@@ -51,11 +51,20 @@ class Truncated(_Delegating):
     def _log_pos(self, eta, d, p, t):
         return log1mexp(self.base._log_prob_zero(eta, d, p, t))
 
-    def _log_prob(self, y, eta, d, p, t):
+    def _log_prob(self, y, eta, d, p, t, kernel=False):
         pos = y > 0
         y_safe = jnp.where(pos, y, self.support_point)
-        val, log_p0 = self.base._log_prob_and_zero(y_safe, eta, d, p, t)
+        both = self.base._log_kernel_and_zero if kernel else self.base._log_prob_and_zero
+        val, log_p0 = both(y_safe, eta, d, p, t)
         return jnp.where(pos, val - log1mexp(log_p0), -jnp.inf)
+
+    def _log_kernel(self, y, eta, d, p, t):
+        return self._log_prob(y, eta, d, p, t, kernel=True)
+
+    def _log_norm(self, y, trials):
+        pos = y > 0
+        norm = self.base._log_norm(jnp.where(pos, y, self.support_point), trials)
+        return None if norm is None else jnp.where(pos, norm, 0.0)
 
     def _log_prob_zero(self, eta, d, p, t):
         return jnp.full(jnp.shape(eta), -jnp.inf)
@@ -140,9 +149,12 @@ class Hurdle(_ZeroWrapper):
     def name(self):
         return self.truncated.name if self.base.discrete else self.base.name
 
-    def _zi_log_prob(self, y, eta, d, p, t, zi):
-        positive = self.truncated._log_prob(y, eta, d, p, t)
+    def _zi_log_prob(self, y, eta, d, p, t, zi, kernel=False):
+        positive = self.truncated._log_prob(y, eta, d, p, t, kernel=kernel)
         return jnp.where(y == 0, log_sigmoid(zi), log_sigmoid(-zi) + positive)
+
+    def _log_norm(self, y, trials):
+        return self.truncated._log_norm(y, trials)
 
     def _zi_mean(self, eta, d, p, t, zi):
         return jax.nn.sigmoid(-zi) * self.truncated._mean(eta, d, p, t)

@@ -90,8 +90,11 @@ class _ZeroWrapper(_Delegating):
         zi = require_zi(zi, type(self).__name__)
         return (*self._base_args(eta, disp, psi, trials), zi)
 
-    def log_prob(self, y, eta, disp=None, psi=None, zi=None, trials=None):
-        return self._zi_log_prob(as_float(y), *self._zi_args(eta, disp, psi, zi, trials))
+    def log_prob(self, y, eta, disp=None, psi=None, zi=None, trials=None, norm=None):
+        y, args = as_float(y), self._zi_args(eta, disp, psi, zi, trials)
+        if norm is None:
+            return self._zi_log_prob(y, *args)
+        return self._zi_log_prob(y, *args, kernel=True) + norm
 
     def mean(self, eta, disp=None, psi=None, zi=None, trials=None):
         return self._zi_mean(*self._zi_args(eta, disp, psi, zi, trials))
@@ -137,12 +140,19 @@ class ZeroInflated(_ZeroWrapper):
     def name(self):
         return self.base.name
 
-    def _zi_log_prob(self, y, eta, d, p, t, zi):
+    def _zi_log_prob(self, y, eta, d, p, t, zi, kernel=False):
+        # (``kernel``: less `_log_norm`, which is 0 at the zeros)
         zero = y == 0
         y_base = jnp.where(zero, self.base.support_point, y)
-        log_base, log_base0 = self.base._log_prob_and_zero(y_base, eta, d, p, t)
+        both = self.base._log_kernel_and_zero if kernel else self.base._log_prob_and_zero
+        log_base, log_base0 = both(y_base, eta, d, p, t)
         log_zero = jnp.logaddexp(log_sigmoid(zi), log_sigmoid(-zi) + log_base0)
         return jnp.where(zero, log_zero, log_sigmoid(-zi) + log_base)
+
+    def _log_norm(self, y, trials):
+        zero = y == 0
+        norm = self.base._log_norm(jnp.where(zero, self.base.support_point, y), trials)
+        return None if norm is None else jnp.where(zero, 0.0, norm)
 
     def _zi_mean(self, eta, d, p, t, zi):
         return jax.nn.sigmoid(-zi) * self.base._mean(eta, d, p, t)

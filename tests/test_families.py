@@ -358,6 +358,60 @@ def test_log_prob_matches_reference(case):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10, err_msg=f"{case.name} psi={psi}")
 
 
+#: families whose log density splits off a data-only part (`Family.log_norm`)
+SPLIT = {"poisson", "binomial", "nbinom1", "nbinom2", "nbinom12", "genpois", "bell", "betabinomial"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_log_prob_with_precomputed_norm_matches_reference(case):
+    """``log_prob(..., norm=log_norm(y))`` (what a fit evaluates) against scipy,
+    and its derivative in eta against the plain `log_prob`'s."""
+    fam = family(case.name)
+    base = getattr(fam, "base", fam).name
+    for y, eta, disp, mu, psi in grid(case):
+        trials = None if case.trials is None else jnp.full(y.shape, case.trials)
+        norm = fam.log_norm(y, trials)
+        assert (norm is not None) == (base in SPLIT), case.name
+        if norm is None:
+            continue
+        kw = dict(disp=jnp.asarray(disp), psi=_psi(psi), trials=trials)
+        zi = {"zi": jnp.full(y.shape, -0.7)} if getattr(fam, "_takes_zi", False) else {}
+        got = fam.log_prob(y, eta, norm=norm, **kw, **zi)
+        full = fam.log_prob(y, eta, **kw, **zi)
+        np.testing.assert_allclose(got, full, rtol=1e-12, atol=1e-12, err_msg=case.name)
+        if not zi:
+            mu_np = LINK_INV[fam.link.name](eta)
+            ref = np.array([case.ref(*args, psi, case.trials) for args in zip(y, mu_np, eta, disp)])
+            np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10, err_msg=case.name)
+        finite = np.isfinite(np.asarray(full))
+        grad = lambda nm: jax.grad(lambda e: jnp.sum(jnp.where(finite, fam.log_prob(y, e, norm=nm, **kw, **zi), 0.0)))
+        np.testing.assert_allclose(grad(norm)(jnp.asarray(eta)), grad(None)(jnp.asarray(eta)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wrapper", ["ZeroInflated", "Hurdle"])
+@pytest.mark.parametrize("base", ["poisson", "nbinom2", "binomial", "Gamma"])
+def test_zero_wrappers_with_precomputed_norm(wrapper, base):
+    """The wrappers' `log_norm` is the base's at positive responses and 0 at the
+    zeros, where the wrapper's own zero mass stands."""
+    from tmbx import families as F
+
+    fam = getattr(F, wrapper)(base)
+    rng = np.random.default_rng(3)
+    y = np.where(rng.random(40) < 0.3, 0.0, rng.integers(1, 6, 40).astype(float))
+    if base == "Gamma":
+        y = np.where(y > 0, y + 0.37, 0.0)
+    trials = jnp.full(y.shape, 7.0) if base == "binomial" else None
+    kw = dict(disp=jnp.asarray(0.4), zi=jnp.asarray(rng.normal(size=40)), trials=trials)
+    eta = jnp.asarray(rng.normal(size=40) * (0.5 if base == "binomial" else 1.0))
+    norm = fam.log_norm(y, trials)
+    if base == "Gamma":
+        assert norm is None
+        return
+    np.testing.assert_array_equal(np.asarray(norm)[y == 0], 0.0)
+    np.testing.assert_allclose(fam.log_prob(y, eta, norm=norm, **kw), fam.log_prob(y, eta, **kw),
+                               rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")  # the totals are asserted
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_normalized(case):

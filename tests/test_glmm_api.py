@@ -163,3 +163,39 @@ def test_missing_values_are_dropped_with_a_message():
     with pytest.warns(UserWarning, match="missing|NA|dropp"):
         fit = tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df)
     assert fit.nobs == 179
+
+
+def _count_primitive(jaxpr, name):
+    from jax.extend.core import jaxprs_in_params
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for sub in jaxprs_in_params(eqn.params):
+            n += _count_primitive(sub, name)
+    return n
+
+
+def test_a_fit_computes_the_familys_data_only_terms_once():
+    """``log(n choose y)`` (binomial with trials) depends on the data alone: the fit
+    program computes it once (`Family.log_norm`), not in each evaluation of the
+    objective (30 ``lgamma`` calls before); a refit to a new response recomputes it
+    (its log-likelihood is a fresh fit's, which a stale one would miss by the
+    difference of the two responses' ``sum(log(n choose y))``)."""
+    import jax
+
+    cbpp = tmbx.load_dataset("cbpp")
+    form = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+    fit = tmbx.glmm(form, data=cbpp, family="binomial")
+    m = fit.model
+    x0, u0 = m._starts(None)
+    in_fit = _count_primitive(jax.make_jaxpr(m._fit_impl)(x0, u0, m.data).jaxpr, "lgamma")
+    y, n = np.asarray(m.data["y"]), np.asarray(m.data["trials"])
+    in_norm = _count_primitive(jax.make_jaxpr(fit.family.log_norm)(y, n).jaxpr, "lgamma")
+    assert in_norm > 0 and in_fit == in_norm
+    rng = np.random.default_rng(5)
+    y2 = rng.binomial(cbpp["size"].to_numpy(), 0.25)
+    refit = fit.refit(newresp=y2.astype(float))
+    fresh = tmbx.glmm(form, data=cbpp.assign(incidence=y2), family="binomial")
+    assert refit.loglik == pytest.approx(fresh.loglik, abs=1e-7)
+    assert abs(refit.loglik - fit.loglik) > 1.0

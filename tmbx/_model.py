@@ -49,7 +49,12 @@ class LatentGaussian:
     - ``eta(p, d)``: linear predictor(s), shape ``(N,)`` or ``(N, K)``;
     - ``obs_nll(eta, p, d)``: per-observation nll, shape ``(N,)``, depending on the
       random effects only through ``eta``;
-    - ``latent_nll(p, d)``: the random effects' prior nll (a scalar).
+    - ``latent_nll(p, d)``: the random effects' prior nll (a scalar);
+    - ``prepare(d) -> d`` (optional): the data with what ``obs_nll`` computes
+      from them alone added (the formula front end: `Family.log_norm` of the
+      response). A fit recomputes it once from its data (whose response may be
+      a new one) before its optimizer's loop; ``obs_nll`` must read it from
+      ``d``, not recompute it.
 
     The engine then builds the latent Hessian as ``J' W J + H_latent``
     (``J = d eta / d u``, ``W`` per-observation curvatures), which stays cheap
@@ -61,6 +66,7 @@ class LatentGaussian:
     latent_nll: Callable
     jacobian: tuple | None = None  # optional (rows, cols, colours) of d eta / du over u's indices
     latent_diagonal: bool = False  # latent_nll's Hessian in u is diagonal: no pattern detection
+    prepare: Callable | None = None
 
     def nll(self, p, d):
         return jnp.sum(self.obs_nll(self.eta(p, d), p, d)) + self.latent_nll(p, d)
@@ -384,7 +390,16 @@ class Model:
         return outer_options(self.options, iterative=lap is not None and lap.layout.iterative is not None,
                              large=self._large)
 
+    def _prepare_data(self, d):
+        """``d`` with `LatentGaussian.prepare`'s data-only terms computed from its
+        response (the template's ``prepare``; ``d`` unchanged without one)."""
+        lg = self._laplace_args[0]
+        if lg is None or lg.prepare is None or not isinstance(d, dict):
+            return d
+        return lg.prepare(d)
+
     def _fit_impl(self, x0, u0, d):
+        d = self._prepare_data(d)
         if self._predicts(x0.shape[0]):
             aux0 = (u0, x0, jnp.zeros((u0.shape[0], x0.shape[0]), u0.dtype))
             res = bfgs(self._vg_predict, x0, aux0, d, self._outer_options(),

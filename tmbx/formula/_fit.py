@@ -414,7 +414,7 @@ class GlmmFit:
         fit = None if lmm is None else lmm.fit_model(y=y)
         if fit is None:
             model = self.model
-            data = dict(model.data, y=jnp.asarray(y))
+            data = model._prepare_data(dict(model.data, y=jnp.asarray(y)))
             x0, u0 = model._starts(None)
             fit = Fit(model, data, model.run_fit(x0, u0, data))
             fit._warn()

@@ -173,6 +173,16 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
                       "index": [np.asarray(t.index, np.int32) for t in zi.re],
                       "Z": [np.asarray(t.Z, float) for t in zi.re]}
     data = {k: v for k, v in data.items() if v is not None}
+    # the family's data-only terms (-log(y!), ...), computed once per fit instead of at
+    # each of its hundreds of evaluations (`Family.log_norm`); None: the family has none
+    norm = eval_method(fam, "log_norm", data["y"], data.get("trials"))
+    prepare = None
+    if norm is not None:
+        data["norm"] = norm
+
+        def prepare(d):
+            return dict(d, norm=fam.log_norm(d["y"], d.get("trials")))
+
     zi_random = bool(terms_z)
 
     def eta_fn(p, d):
@@ -193,7 +203,7 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
             eta_z = d["zi"]["X"] @ p["betazi"] + d["zi"]["offset"] if has_zi else None
         dsp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
         psi = p["psi"] if fam.n_psi else None
-        ll = fam.log_prob(d["y"], eta_c, disp=dsp, psi=psi, zi=eta_z, trials=d.get("trials"))
+        ll = fam.log_prob(d["y"], eta_c, disp=dsp, psi=psi, zi=eta_z, trials=d.get("trials"), norm=d.get("norm"))
         return -d["weights"] * ll
 
     parsed_priors, prior_nll = None, None
@@ -227,7 +237,7 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     # the random effects are spherical (b = T u, u ~ N(0, I)): the latent Hessian is
     # diagonal unless a prior adds terms (a prior on REML's integrated fixed effects)
     lg = LatentGaussian(eta=eta_fn, obs_nll=obs_nll, latent_nll=latent_nll, jacobian=jac,
-                        latent_diagonal=prior_nll is None)
+                        latent_diagonal=prior_nll is None, prepare=prepare)
     kw = {} if outer is None else {"outer": outer}
     quadratic = fam.name == "gaussian" and fam.link.name == "identity" and not has_zi
     if groups is not None:

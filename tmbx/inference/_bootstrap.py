@@ -83,7 +83,7 @@ def batched_refit(model, options):
         return jnp.where(status != INNER_OK, jnp.inf, val), L.T @ gx, u
 
     def one(Y, x0, u0, L, d):
-        res = bfgs(vg, jnp.zeros_like(x0), u0, ({**d, "y": Y}, x0, L), options)
+        res = bfgs(vg, jnp.zeros_like(x0), u0, (model._prepare_data({**d, "y": Y}), x0, L), options)
         return {"x": x0 + L @ res["x"], "u": res["aux"], "f": res["f"], "status": res["status"],
                 "gmax": jnp.max(jnp.abs(res["g"]), initial=0.0)}
 
