@@ -195,13 +195,21 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
             return jnp.stack([eta, ez], axis=1)
         return eta
 
+    # an intercept-only dispersion model (glmmTMB's default ~1) gives the family one
+    # value, not one per row: nbinom2's lgamma(theta) and Gamma's lgamma(1 / phi)
+    # are then computed once per evaluation, not once per row
+    disp_scalar = (fam.has_disp and disp.X.shape[1] == 1 and bool(np.all(disp.X == 1))
+                   and not np.any(disp.offset))
+
     def obs_nll(eta, p, d):
         if zi_random:
             eta_c, eta_z = eta[:, 0], eta[:, 1]
         else:
             eta_c = eta
             eta_z = d["zi"]["X"] @ p["betazi"] + d["zi"]["offset"] if has_zi else None
-        dsp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
+        dsp = None
+        if fam.has_disp:
+            dsp = p["betadisp"][0] if disp_scalar else d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"]
         psi = p["psi"] if fam.n_psi else None
         ll = fam.log_prob(d["y"], eta_c, disp=dsp, psi=psi, zi=eta_z, trials=d.get("trials"), norm=d.get("norm"))
         return -d["weights"] * ll
