@@ -197,16 +197,22 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
 
     # an intercept-only dispersion model (glmmTMB's default ~1) gives the family one
     # value, not one per row: nbinom2's lgamma(theta) and Gamma's lgamma(1 / phi)
-    # are then computed once per evaluation, not once per row
-    disp_scalar = (fam.has_disp and disp.X.shape[1] == 1 and bool(np.all(disp.X == 1))
-                   and not np.any(disp.offset))
+    # are then computed once per evaluation, not once per row; so does an
+    # intercept-only zero-inflation model (its log-sigmoids)
+    def intercept_only(c):
+        return c.X.shape[1] == 1 and bool(np.all(c.X == 1)) and not np.any(c.offset)
+
+    disp_scalar = fam.has_disp and intercept_only(disp)
+    zi_scalar = has_zi and not terms_z and intercept_only(zi)
 
     def obs_nll(eta, p, d):
         if zi_random:
             eta_c, eta_z = eta[:, 0], eta[:, 1]
         else:
             eta_c = eta
-            eta_z = d["zi"]["X"] @ p["betazi"] + d["zi"]["offset"] if has_zi else None
+            eta_z = None
+            if has_zi:
+                eta_z = p["betazi"][0] if zi_scalar else d["zi"]["X"] @ p["betazi"] + d["zi"]["offset"]
         dsp = None
         if fam.has_disp:
             dsp = p["betadisp"][0] if disp_scalar else d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"]
