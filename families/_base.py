@@ -202,6 +202,11 @@ class Family(eqx.Module):
             return self._log_prob(as_float(y), as_float(eta), d, p, t)
         return self._log_kernel(as_float(y), as_float(eta), d, p, t) + norm
 
+    @property
+    def has_norm(self) -> bool:
+        """Whether `log_norm` splits a data-only part off (is not None)."""
+        return type(self)._log_norm is not Family._log_norm
+
     def log_norm(self, y, trials=None):
         """The part of `log_prob` that depends on the data alone, per observation
         (``-log(y!)`` for Poisson counts), or None where the family splits none off:

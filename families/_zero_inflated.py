@@ -45,6 +45,10 @@ class _Delegating(Family):
         return self.base.n_psi
 
     @property
+    def has_norm(self):
+        return self.base.has_norm
+
+    @property
     def psi_start(self):
         return self.base.psi_start
 

@@ -371,7 +371,7 @@ def test_log_prob_with_precomputed_norm_matches_reference(case):
     for y, eta, disp, mu, psi in grid(case):
         trials = None if case.trials is None else jnp.full(y.shape, case.trials)
         norm = fam.log_norm(y, trials)
-        assert (norm is not None) == (base in SPLIT), case.name
+        assert (norm is not None) == (base in SPLIT) == fam.has_norm, case.name
         if norm is None:
             continue
         kw = dict(disp=jnp.asarray(disp), psi=_psi(psi), trials=trials)
@@ -404,6 +404,7 @@ def test_zero_wrappers_with_precomputed_norm(wrapper, base):
     kw = dict(disp=jnp.asarray(0.4), zi=jnp.asarray(rng.normal(size=40)), trials=trials)
     eta = jnp.asarray(rng.normal(size=40) * (0.5 if base == "binomial" else 1.0))
     norm = fam.log_norm(y, trials)
+    assert fam.has_norm == (norm is not None)
     if base == "Gamma":
         assert norm is None
         return

@@ -175,7 +175,7 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     data = {k: v for k, v in data.items() if v is not None}
     # the family's data-only terms (-log(y!), ...), computed once per fit instead of at
     # each of its hundreds of evaluations (`Family.log_norm`); None: the family has none
-    norm = eval_method(fam, "log_norm", data["y"], data.get("trials"))
+    norm = eval_method(fam, "log_norm", data["y"], data.get("trials")) if fam.has_norm else None
     prepare = None
     if norm is not None:
         data["norm"] = norm
