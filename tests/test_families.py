@@ -388,6 +388,35 @@ def test_log_prob_with_precomputed_norm_matches_reference(case):
         np.testing.assert_allclose(grad(norm)(jnp.asarray(eta)), grad(None)(jnp.asarray(eta)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.disp != (0.0,)], ids=[c.name for c in CASES if c.disp != (0.0,)])
+def test_a_scalar_dispersion_is_the_same_as_one_per_row(case):
+    """The formula front end passes an intercept-only dispersion model as one value
+    (glmmTMB's ``dispformula = ~1``): every family broadcasts it as a column of it."""
+    fam = family(case.name)
+    if not fam.has_disp:
+        pytest.skip("no dispersion")
+    for y, eta, disp, mu, psi in grid(case):
+        trials = None if case.trials is None else jnp.full(y.shape, case.trials)
+        kw = dict(psi=_psi(psi), trials=trials)
+        d0 = float(disp[0])
+        one = fam.log_prob(y, eta, disp=jnp.asarray(d0), **kw)
+        rows = fam.log_prob(y, eta, disp=jnp.full(y.shape, d0), **kw)
+        np.testing.assert_allclose(one, rows, rtol=1e-14, atol=1e-14, err_msg=case.name)
+
+
+@pytest.mark.parametrize("wrapper", ["ZeroInflated", "Hurdle"])
+def test_zero_wrappers_take_one_zero_probability(wrapper):
+    """An intercept-only ``ziformula = ~1`` reaches the wrappers as one value."""
+    from tmbx import families as F
+
+    fam = getattr(F, wrapper)("nbinom2")
+    rng = np.random.default_rng(4)
+    y = np.where(rng.random(30) < 0.3, 0.0, rng.integers(1, 6, 30).astype(float))
+    eta, disp = jnp.asarray(rng.normal(size=30)), jnp.asarray(0.3)
+    np.testing.assert_allclose(fam.log_prob(y, eta, disp=disp, zi=jnp.asarray(-0.4)),
+                               fam.log_prob(y, eta, disp=disp, zi=jnp.full(30, -0.4)), rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("wrapper", ["ZeroInflated", "Hurdle"])
 @pytest.mark.parametrize("base", ["poisson", "nbinom2", "binomial", "Gamma"])
 def test_zero_wrappers_with_precomputed_norm(wrapper, base):
