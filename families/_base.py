@@ -20,7 +20,8 @@ Writing a family: subclass ``Family``, set the ClassVars, and implement
 ``_sample``, ``_cdf``, ``_deviance_residuals`` and ``_check_support`` apply.
 A family whose log density has a part that depends on the data alone (the
 ``-log(y!)`` of count families) may split it off: ``_log_norm(y, trials)``
-returns that part and ``_log_kernel`` the rest (``_log_prob`` is their sum).
+returns that part and ``_log_kernel`` the rest, in place of ``_log_prob``
+(their sum).
 A fit evaluates the log density at the same responses hundreds of times;
 `log_norm` computes the data's part once and `log_prob` takes it as ``norm``.
 The public methods (``log_prob``, ``mean``, ...) validate and convert the
@@ -86,6 +87,8 @@ class Family(eqx.Module):
 
     # ------------------------------------------------------------------ hooks
     def _log_prob(self, y, eta, disp, psi, trials):
+        if type(self)._log_kernel is not Family._log_kernel:  # split: kernel + data-only part
+            return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
         raise NotImplementedError(f"{type(self).__name__} does not define _log_prob.")
 
     def _mean(self, eta, disp, psi, trials):
@@ -130,7 +133,7 @@ class Family(eqx.Module):
 
     def _log_kernel_and_zero(self, y, eta, disp, psi, trials):
         """``(_log_kernel(y), log P(Y = 0))``, as `_log_prob_and_zero`."""
-        if type(self)._log_norm is Family._log_norm:
+        if not self.has_norm:
             return self._log_prob_and_zero(y, eta, disp, psi, trials)
         return self._log_kernel(y, eta, disp, psi, trials), self._log_prob_zero(eta, disp, psi, trials)
 

@@ -107,9 +107,6 @@ class Bell(Family):
         w = lambertw_of_log(self.link.log_inverse(eta))
         return jnp.log(w), w
 
-    def _log_prob(self, y, eta, disp, psi, trials):
-        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
-
     def _log_kernel(self, y, eta, disp, psi, trials):
         log_theta, theta = self._theta(eta)
         return jnp.where(y > 0, y * log_theta, 0.0) - jnp.expm1(theta)

@@ -72,10 +72,6 @@ class BetaBinomial(Family):
         lp = self.link.logit_inverse(eta)
         return log_sigmoid(lp) + disp, log_sigmoid(-lp) + disp
 
-    def _log_prob(self, y, eta, disp, psi, trials):
-        log_a, log_b = self._log_ab(eta, disp)
-        return betabinomial_log_prob(y, trials, log_a, log_b)
-
     def _log_kernel(self, y, eta, disp, psi, trials):
         log_a, log_b = self._log_ab(eta, disp)
         return betabinomial_log_prob(y, trials, log_a, log_b, lchoose_ny=0.0)

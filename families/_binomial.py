@@ -36,12 +36,8 @@ def check_successes(y, trials, family: str):
     )
 
 
-def binomial_log_prob(y, n, logit_p):
-    """``lchoose(n, y) + y log p + (n - y) log(1 - p)`` from ``logit(p)``."""
-    return lchoose(n, y) + _binomial_kernel(y, n, logit_p)
-
-
 def _binomial_kernel(y, n, logit_p):
+    """``y log p + (n - y) log(1 - p)`` from ``logit(p)`` (the log mass less ``lchoose(n, y)``)."""
     return y * logit_p - n * jax.nn.softplus(logit_p)
 
 
@@ -68,9 +64,6 @@ class Binomial(Family):
     default_link: ClassVar[str] = "logit"
     allowed_links: ClassVar[tuple[str, ...]] = BINOMIAL_LINKS
     support_point: ClassVar[float] = 0.0
-
-    def _log_prob(self, y, eta, disp, psi, trials):
-        return binomial_log_prob(y, trials, self.link.logit_inverse(eta))
 
     def _log_kernel(self, y, eta, disp, psi, trials):
         return _binomial_kernel(y, trials, self.link.logit_inverse(eta))

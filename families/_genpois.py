@@ -59,9 +59,6 @@ class GeneralizedPoisson(Family):
     default_link: ClassVar[str] = "log"
     allowed_links: ClassVar[tuple[str, ...]] = ("log", "identity", "sqrt")
 
-    def _log_prob(self, y, eta, disp, psi, trials):
-        return genpois_log_prob(y, self.link.log_inverse(eta), disp)
-
     def _log_kernel(self, y, eta, disp, psi, trials):
         return _genpois_kernel(y, self.link.log_inverse(eta), disp)
 

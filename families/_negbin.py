@@ -57,9 +57,6 @@ class _NegativeBinomial(Family):
         log_mu = self.link.log_inverse(eta)
         return log_mu, self._log_excess(log_mu, disp, psi)
 
-    def _log_prob(self, y, eta, disp, psi, trials):
-        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
-
     def _log_kernel(self, y, eta, disp, psi, trials):
         return _nbinom_kernel(y, *self._lm_le(eta, disp, psi))
 

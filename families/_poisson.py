@@ -41,9 +41,6 @@ class Poisson(Family):
     def _log_norm(self, y, trials):
         return -lfactorial(y)
 
-    def _log_prob(self, y, eta, disp, psi, trials):
-        return self._log_kernel(y, eta, disp, psi, trials) + self._log_norm(y, trials)
-
     def _log_prob_zero(self, eta, disp, psi, trials):
         return -self.link.inverse(eta)
 

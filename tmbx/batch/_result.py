@@ -101,8 +101,7 @@ class GlmmBatchFit:
 
     def _sigma_only(self, tmpl) -> bool:
         """dispformula ~1: the dispersion is reported as glmmTMB's sigma() ("disp")."""
-        X = tmpl.design.components["disp"].X
-        return X.shape[1] == 1 and np.allclose(X, 1.0)
+        return tmpl.design.components["disp"].intercept_only
 
     def _variance_columns(self, tmpl, X) -> dict:
         entry = _VARIANCE_FNS.get(id(tmpl))

@@ -87,6 +87,12 @@ class Component:
     offset: np.ndarray
     formula: str
 
+    @property
+    def intercept_only(self) -> bool:
+        """One value for every row: an intercept column alone, no offset (glmmTMB's
+        ``dispformula = ~1``; random effects are the caller's to check)."""
+        return self.X.shape[1] == 1 and bool(np.all(self.X == 1.0)) and not np.any(self.offset)
+
 
 @dataclass
 class Design:

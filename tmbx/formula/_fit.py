@@ -207,7 +207,7 @@ class GlmmFit:
         if not fam.has_disp:
             return 1.0
         disp = self.design.components["disp"]
-        if disp.X.shape[1] != 1 or not np.allclose(disp.X, 1.0):
+        if not disp.intercept_only:
             return None
         bd = float(self._par()["betadisp"][0])
         psi = self._par().get("psi")

@@ -62,7 +62,7 @@ def lmm_applicable(template, *, map=None, priors=None, nagq=1) -> bool:
     if map or priors is not None or nagq != 1 or template.prior_nll is not None:
         return False
     disp = design.components["disp"]
-    if disp.X.shape[1] != 1 or not np.all(disp.X == 1.0) or np.any(disp.offset != 0):
+    if not disp.intercept_only:
         return False
     sp = template.model.space
     if "b" not in sp.names or not template.terms or "theta" not in sp.names:

@@ -199,11 +199,8 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
     # value, not one per row: nbinom2's lgamma(theta) and Gamma's lgamma(1 / phi)
     # are then computed once per evaluation, not once per row; so does an
     # intercept-only zero-inflation model (its log-sigmoids)
-    def intercept_only(c):
-        return c.X.shape[1] == 1 and bool(np.all(c.X == 1)) and not np.any(c.offset)
-
-    disp_scalar = fam.has_disp and intercept_only(disp)
-    zi_scalar = has_zi and not terms_z and intercept_only(zi)
+    disp_scalar = fam.has_disp and disp.intercept_only
+    zi_scalar = has_zi and not terms_z and zi.intercept_only
 
     def obs_nll(eta, p, d):
         if zi_random:

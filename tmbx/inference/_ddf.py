@@ -63,7 +63,7 @@ def check_lmm(fit, what: str = "ddf") -> None:
     if "zi" in design.components:
         raise ValueError(f"{what} applies to linear mixed models without zero-inflation.")
     disp = design.components["disp"]
-    if disp.X.shape[1] != 1 or not np.allclose(disp.X, 1.0) or np.any(disp.offset != 0):
+    if not disp.intercept_only:
         raise ValueError(f"{what} needs a constant residual variance (dispformula ~1); this fit has "
                          f"dispformula {disp.formula!r}. Use Wald z tests or a parametric bootstrap instead.")
     if fit.call.get("map"):
