@@ -1,6 +1,8 @@
 """Small shared helpers: host-to-device conversion, sorted unique keys, and the
 compiler options chosen per model size."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -388,6 +390,116 @@ def test_tiered_compilation(tmp_path, monkeypatch):
     assert next(iter(t2._programs.values())).optimized  # loaded optimized for its first call
     # another shape is another program
     assert float(t2(jnp.zeros(3), {"w": jnp.ones(3)})) == 0.0 and len(t2._programs) == 2
+
+
+def _poisson_groups(n=3000, groups=150, seed=4):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, groups, n)
+    x = rng.normal(size=n)
+    y = rng.poisson(np.exp(0.3 + 0.4 * x + 0.5 * rng.normal(size=groups)[g]))
+    return pd.DataFrame(dict(y=y.astype(float), x=x, g=pd.Categorical(g)))
+
+
+def test_block_diagonal_fit_programs_compile_without_ynnpack_fusions():
+    """`tmbx._config.fit_compile_options`: with one grouping factor (a
+    block-diagonal latent Hessian) the model's fit program is compiled with
+    XLA:CPU's YNNPACK fusions off, which XLA's defaults would make; a crossed
+    design (an arrow layout with a dense tail) keeps the defaults."""
+    from tmbx._laplace import INDEX_KEY
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("an XLA:CPU option")
+    # (XLA makes such fusions on arrays of some 10^4 rows and more)
+    fit = tmbx.glmm("y ~ x + (1|g)", _poisson_groups(20000), family="poisson")
+    m = fit.model
+    assert m.laplace.layout.block_diagonal
+    opts = m.fit_options()
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    x0, u0 = m._starts(None)
+    args = (x0, u0, dict(m.data, **{INDEX_KEY: m.laplace.index_data()}))
+    low = jax.jit(m._fit_impl).lower(*args)
+    if "__ynn_fusion" not in low.compile().as_text():
+        pytest.skip("this XLA makes no YNNPACK fusions of this program")
+    # the program the model runs (the suite's small model: its first tier)
+    core = m._fit_core
+    prog = next(iter(core._programs.values())) if hasattr(core, "_programs") else None
+    compiled = prog.compiled if prog is not None else core.lower(*args).compile()
+    assert "__ynn_fusion" not in compiled.as_text()
+
+    rng = np.random.default_rng(2)
+    n = 4000
+    a, b = rng.integers(0, 1000, n), rng.integers(0, 20, n)
+    eta = 0.8 * rng.normal(size=1000)[a] + 0.5 * rng.normal(size=20)[b]
+    df = pd.DataFrame(dict(a=pd.Categorical(a), b=pd.Categorical(b), x=rng.normal(size=n)))
+    df["y"] = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
+    crossed = tmbx.glmm("y ~ x + (1|a) + (1|b)", df, family="binomial").model
+    assert crossed.laplace.layout.kind == "arrow" and not crossed.laplace.layout.block_diagonal
+    assert crossed.fit_options() is None
+
+
+def test_a_mid_size_model_fits_first_with_a_quickly_compiled_program(tmp_path, monkeypatch):
+    """`tmbx._config.first_tier_options`: a model too large for level 0 but of at
+    most `_MID_DATA` numbers fits first with a program compiled without XLA:CPU's
+    fusion emitters, compiles the optimized one in the background, and refits
+    with it to the same optimum; larger data, ``TMBX_FAST_COMPILE`` or another
+    backend: one fully optimized program."""
+    from tmbx import _config, _tiered
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("tiers are measured on XLA:CPU")
+    monkeypatch.setenv("TMBX_TIERED", "1")  # the suite turns it off (conftest.py)
+    monkeypatch.setattr(_tiered, "_marker_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(_config, "_SMALL_DATA", 100)  # this model counts as mid-size
+    df = _poisson_groups()
+    fit = tmbx.glmm("y ~ x + (1|g)", df, family="poisson")
+    m = fit.model
+    assert m._large  # compiled as a large model (full optimization, the mode predictor)
+    core = m._fit_core
+    assert isinstance(core, _tiered.TieredJit) and core._fast == {"xla_cpu_use_fusion_emitters": False}
+    assert core._always  # the optimized program follows, whatever the first run took
+    prog = next(iter(core._programs.values()))
+    assert prog.thread is not None
+    core.wait()
+    assert prog.optimized
+    again = fit.refit()
+    assert again.loglik == pytest.approx(fit.loglik, abs=1e-8)
+    np.testing.assert_allclose(again._fit.x, fit._fit.x, rtol=1e-6, atol=1e-8)
+
+    data = m.data
+    assert _config.first_tier_options(data, 150) == {"xla_cpu_use_fusion_emitters": False}
+    monkeypatch.setattr(_config, "_MID_DATA", 1000)
+    assert _config.first_tier_options(data, 150) is None
+    monkeypatch.setattr(_config, "_MID_DATA", 3_000_000)
+    monkeypatch.setenv("TMBX_FAST_COMPILE", "0")
+    assert _config.first_tier_options(data, 150) is None
+
+
+def test_a_first_tier_program_is_not_written_to_the_compilation_cache(monkeypatch):
+    """`tmbx._tiered.first_tier`: a first tier that an optimized program always
+    follows (``store`` False) is not stored in JAX's persistent cache; with
+    tiers off, or one that may be all a model runs, it is, as any program."""
+    from tmbx import _tiered
+
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or not os.path.isdir(cache):
+        pytest.skip("no persistent compilation cache in this run")
+    salt = float(np.random.default_rng().integers(1, 2**40))  # a program no run has compiled
+
+    def entries():
+        return {f for f in os.listdir(cache) if not f.endswith("-atime")}
+
+    def lowered(k):
+        return jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * salt + k)).lower(jnp.zeros(7))
+
+    monkeypatch.setenv("TMBX_TIERED", "1")
+    before = entries()
+    _tiered.first_tier(lowered(1.0), {"xla_backend_optimization_level": 0}, store=False)
+    assert entries() == before
+    _tiered.first_tier(lowered(2.0), {"xla_backend_optimization_level": 0})
+    assert len(entries() - before) == 1
+    monkeypatch.setenv("TMBX_TIERED", "0")
+    _tiered.first_tier(lowered(3.0), {"xla_backend_optimization_level": 0}, store=False)
+    assert len(entries() - before) == 2
 
 
 def test_fit_program_takes_the_index_arrays_as_arguments():

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._config import compile_options
+from ._config import compile_options, first_tier_options, fit_compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
 from ._internal import sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
@@ -305,12 +305,40 @@ class Model:
         self._value_grad = jit(vg)
         grad = lambda x, u0, d: vg(x, u0, d)[1]
         self._hess = jit(jax.jacfwd(grad))
-        # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
-        opts = self._compiler_options
-        fit = ProgramCache(self._fit_impl, lambda: self._program_key, name="fit", tiered=opts or None)
-        self._fit_core = TieredJit(fit, opts) if opts else fit
-        # batches run long enough that XLA's full optimization pays for itself
-        self._fit_batch = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)))
+        self._fit_program = self._fit_batch_program = None
+
+    @property
+    def _fit_core(self):
+        """The compiled fit ``(x0, u0, data) -> result dict``. Built on first use:
+        its compiler options depend on the latent Hessian's layout
+        (`fit_options`), which is built on first use too."""
+        if self._fit_program is None:
+            # a small or mid-size model's fit compiles quickly first and optimized
+            # later (`tmbx._tiered`)
+            small = self._compiler_options
+            fast = small or first_tier_options(self.data, self.space.n_u)
+            opts = self.fit_options()
+            fit = ProgramCache(self._fit_impl, lambda: self._program_key, opts, name="fit",
+                               tiered=fast or None)
+            self._fit_program = TieredJit(fit, fast, always=not small) if fast else fit
+        return self._fit_program
+
+    @property
+    def _fit_batch(self):
+        if self._fit_batch_program is None:
+            # batches run long enough that XLA's full optimization pays for itself
+            self._fit_batch_program = jax.jit(jax.vmap(self._fit_impl, in_axes=(None, None, 0)),
+                                              compiler_options=self.fit_options())
+        return self._fit_batch_program
+
+    def fit_options(self):
+        """``compiler_options`` of the programs that run this model's Laplace fit
+        (its own, batched ones, bootstraps, profiles) beyond `jit`'s: see
+        `tmbx._config.fit_compile_options` (None: XLA's defaults)."""
+        if not hasattr(self, "_fit_opts"):
+            lap = self.laplace if self.agq is None else None
+            self._fit_opts = fit_compile_options(lap is not None and lap.layout.block_diagonal)
+        return self._fit_opts
 
     def jit(self, fn, program: str | None = None, compiler_options="model"):
         """`jax.jit` with this model's compiler options (`tmbx._config.compile_options`:

@@ -193,6 +193,9 @@ class _Layout:
     #: way; 1e6 rows, a 3,000-level dense tail: 13.8 s against 13.2 s) for a
     #: second copy of the Newton iteration to compile (1 s at 1e5, 9 s at 1e6)
     mixed = False
+    #: no dense part: one small block per level of a grouping factor
+    #: (`tmbx._config.fit_compile_options`)
+    block_diagonal = False
 
     def __init__(self, **fields):
         for k, v in fields.items():
@@ -313,6 +316,10 @@ class ArrowLayout(_Layout):
     @property
     def kind(self) -> str:
         return "arrow"
+
+    @property
+    def block_diagonal(self) -> bool:
+        return self.t == 0
 
     @property
     def _tail_size(self) -> int:

@@ -118,7 +118,8 @@ def _program(spec: BucketSpec, axes):
     if prog is None:
         model = tmpl.model
         u0 = jnp.asarray(model.space.start("u"))
-        prog = jax.jit(jax.vmap(lambda x0, d: model._fit_impl(x0, u0, d), in_axes=(0, axes)))
+        prog = jax.jit(jax.vmap(lambda x0, d: model._fit_impl(x0, u0, d), in_axes=(0, axes)),
+                       compiler_options=model.fit_options())
         _MODELS[spec.token] = (tmpl, prog)
     return tmpl, prog
 

@@ -87,7 +87,7 @@ def batched_refit(model, options):
         return {"x": x0 + L @ res["x"], "u": res["aux"], "f": res["f"], "status": res["status"],
                 "gmax": jnp.max(jnp.abs(res["g"]), initial=0.0)}
 
-    cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)))
+    cache[options] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), compiler_options=model.fit_options())
     return cache[options]
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from .._config import merged
 from .._internal import LazyModule, eval_method, to_device
 from .._laplace import INNER_OK
 from .._optim import BFGSOptions, bfgs
@@ -340,7 +341,8 @@ def _solver(model, options, general, group):
         # too, and an optimizing compile in the background would only slow the
         # profile's later rounds on a 2-core machine (sleepstudy: 0.89 s against
         # 1.09 s for a first profile; repeated profiles 0.08 s either way)
-        cache[options, general, group] = jax.jit(batched, compiler_options=model._compiler_options)
+        cache[options, general, group] = jax.jit(batched, compiler_options=merged(model._compiler_options,
+                                                                                  model.fit_options()))
     return cache[options, general, group]
 
 
