@@ -400,21 +400,25 @@ def _poisson_groups(n=3000, groups=150, seed=4):
     return pd.DataFrame(dict(y=y.astype(float), x=x, g=pd.Categorical(g)))
 
 
-def test_block_diagonal_fit_programs_compile_without_ynnpack_fusions():
+def test_fit_programs_without_a_large_dense_block_compile_without_ynnpack_fusions():
     """`tmbx._config.fit_compile_options`: with one grouping factor (a
     block-diagonal latent Hessian) the model's fit program is compiled with
-    XLA:CPU's YNNPACK fusions off, which XLA's defaults would make; a crossed
-    design (an arrow layout with a dense tail) keeps the defaults."""
+    XLA:CPU's YNNPACK fusions off, which XLA's defaults would make; a dense
+    block from `YNN_DENSE_ORDER` on (a crossed design's tail) keeps the
+    defaults."""
+    from tmbx._config import YNN_DENSE_ORDER, fit_compile_options
     from tmbx._laplace import INDEX_KEY
 
     if jax.default_backend() != "cpu":
         pytest.skip("an XLA:CPU option")
+    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert fit_compile_options(YNN_DENSE_ORDER) is None
+    assert fit_compile_options(YNN_DENSE_ORDER - 1) == off
     # (XLA makes such fusions on arrays of some 10^4 rows and more)
     fit = tmbx.glmm("y ~ x + (1|g)", _poisson_groups(20000), family="poisson")
     m = fit.model
-    assert m.laplace.layout.block_diagonal
-    opts = m.fit_options()
-    assert opts == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert m.laplace.layout.kind == "arrow" and m.laplace.layout.dense_order == 0
+    assert m.fit_options() == off
     x0, u0 = m._starts(None)
     args = (x0, u0, dict(m.data, **{INDEX_KEY: m.laplace.index_data()}))
     low = jax.jit(m._fit_impl).lower(*args)
@@ -425,16 +429,6 @@ def test_block_diagonal_fit_programs_compile_without_ynnpack_fusions():
     prog = next(iter(core._programs.values())) if hasattr(core, "_programs") else None
     compiled = prog.compiled if prog is not None else core.lower(*args).compile()
     assert "__ynn_fusion" not in compiled.as_text()
-
-    rng = np.random.default_rng(2)
-    n = 4000
-    a, b = rng.integers(0, 1000, n), rng.integers(0, 20, n)
-    eta = 0.8 * rng.normal(size=1000)[a] + 0.5 * rng.normal(size=20)[b]
-    df = pd.DataFrame(dict(a=pd.Categorical(a), b=pd.Categorical(b), x=rng.normal(size=n)))
-    df["y"] = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
-    crossed = tmbx.glmm("y ~ x + (1|a) + (1|b)", df, family="binomial").model
-    assert crossed.laplace.layout.kind == "arrow" and not crossed.laplace.layout.block_diagonal
-    assert crossed.fit_options() is None
 
 
 def test_a_mid_size_model_fits_first_with_a_quickly_compiled_program(tmp_path, monkeypatch):

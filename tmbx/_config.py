@@ -146,22 +146,32 @@ def first_tier_options(data, n_u: int):
     return _known(NO_FUSION_EMITTERS) or None
 
 
-def fit_compile_options(block_diagonal: bool):
-    """Extra ``compiler_options`` for the programs that run a Laplace fit (None: none).
+#: dense blocks of at least this order keep XLA:CPU's YNNPACK fusions
+#: (`fit_compile_options`)
+YNN_DENSE_ORDER = 512
 
-    XLA:CPU hands some fused element-wise loops and reductions to YNNPACK. Where
-    the latent Hessian is block-diagonal (one grouping factor) these are mostly
-    reductions over each row's few random effects (arrays of 100,000 x 1 x 2),
-    which YNNPACK runs slower than XLA's own loops. Measured on 2 cores with
-    jaxlib 0.10.2, repeated fits of 1e5-row GLMMs ``y ~ x + (1|g)`` or
-    ``(1 + x|g)``, 1,000 groups, with / without them: Poisson random slopes
-    0.305 / 0.204 s, nbinom2 0.340 / 0.267 s, Gamma 0.185 / 0.095 s,
-    zero-inflated nbinom2 0.628 / 0.584 s; ``glmm_batch`` over 2,000 genes 4.3 /
-    4.0 s. Crossed designs, whose Hessian has a dense tail, run faster with them
-    (the Bernoulli ladder 0.77 / 0.89 s, the profiled least squares of the
-    Gaussian one 0.21 / 0.26 s and of InstEval 0.47 / 0.54 s), so they keep them,
-    as do the other layouts (banded: ar1xar1 the same either way)."""
-    if not block_diagonal or jax.default_backend() != "cpu":
+
+def fit_compile_options(dense_order: int):
+    """Extra ``compiler_options`` for the programs that run a Laplace fit (None:
+    none), for a latent Hessian whose largest dense block has order
+    ``dense_order`` (`tmbx._sparse` layouts' ``dense_order``).
+
+    XLA:CPU hands some fused element-wise loops and reductions to YNNPACK. In a
+    fit they are mostly reductions over each row's few random effects (arrays
+    of 100,000 x 1 x 2), which YNNPACK runs slower than XLA's own loops, unless
+    the model factors a large dense block, whose products they speed up.
+    Measured on 2 cores, jaxlib 0.10.2, repeated fits with / without them:
+    one grouping factor (block-diagonal), 1e5 rows, 1,000 groups: Poisson
+    random slopes 0.305 / 0.204 s, nbinom2 0.340 / 0.267 s, Gamma 0.185 /
+    0.095 s, zero-inflated nbinom2 0.628 / 0.584 s; `glmm_batch` over 2,000
+    genes (dense blocks of 10) 4.3 / 4.0 s; TMB's ar1xar1 at 100 x 100
+    (banded, blocks of 101) 0.50 / 0.47-0.48 s; the small reference cases the
+    same either way. With a dense tail of 948 levels (the crossed Bernoulli
+    ladder) 0.77 / 0.89 s: from `YNN_DENSE_ORDER` (`tmbx._dense`'s block
+    size, above which dense work is matrix products) they stay. (The
+    profiled least squares of crossed Gaussian models keeps them too: 0.21 /
+    0.26 s on that ladder, 0.47 / 0.54 s on InstEval.)"""
+    if dense_order >= YNN_DENSE_ORDER or jax.default_backend() != "cpu":
         return None
     return _known(NO_YNN_FUSIONS) or None
 

@@ -337,7 +337,7 @@ class Model:
         `tmbx._config.fit_compile_options` (None: XLA's defaults)."""
         if not hasattr(self, "_fit_opts"):
             lap = self.laplace if self.agq is None else None
-            self._fit_opts = fit_compile_options(lap is not None and lap.layout.block_diagonal)
+            self._fit_opts = fit_compile_options(lap.layout.dense_order if lap is not None else 1 << 30)
         return self._fit_opts
 
     def jit(self, fn, program: str | None = None, compiler_options="model"):
