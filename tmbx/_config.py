@@ -165,7 +165,7 @@ def fit_compile_options(dense_order: int):
     random slopes 0.305 / 0.204 s, nbinom2 0.340 / 0.267 s, Gamma 0.185 /
     0.095 s, zero-inflated nbinom2 0.628 / 0.584 s; `glmm_batch` over 2,000
     genes (dense blocks of 10) 4.3 / 4.0 s; TMB's ar1xar1 at 100 x 100
-    (banded, blocks of 101) 0.50 / 0.47-0.48 s; the small reference cases the
+    (banded, blocks of 101) 0.533 / 0.536 s and the small reference cases, the
     same either way. With a dense tail of 948 levels (the crossed Bernoulli
     ladder) 0.77 / 0.89 s: from `YNN_DENSE_ORDER` (`tmbx._dense`'s block
     size, above which dense work is matrix products) they stay. (The

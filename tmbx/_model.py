@@ -336,8 +336,9 @@ class Model:
         (its own, batched ones, bootstraps, profiles) beyond `jit`'s: see
         `tmbx._config.fit_compile_options` (None: XLA's defaults)."""
         if not hasattr(self, "_fit_opts"):
+            # (no Laplace layout: no random effects, or quadrature: XLA's defaults)
             lap = self.laplace if self.agq is None else None
-            self._fit_opts = fit_compile_options(lap.layout.dense_order if lap is not None else 1 << 30)
+            self._fit_opts = None if lap is None else fit_compile_options(lap.layout.dense_order)
         return self._fit_opts
 
     def jit(self, fn, program: str | None = None, compiler_options="model"):

@@ -73,7 +73,7 @@ def first_tier(lowered, options, store: bool = True):
     """``lowered`` compiled with the first tier's ``options``; with ``store`` False
     not written to JAX's persistent compilation cache, for a program whose
     optimized tier always follows (a later process loads that one, and the write
-    costs a 1e5-row model's first fit about 0.15 s). Written where tiers are off
+    costs a 1e5-row model's first fit about 0.1 s). Written where tiers are off
     (``TMBX_TIERED=0``: it is then the only program)."""
     if store or not _enabled():
         return lowered.compile(compiler_options=options)
