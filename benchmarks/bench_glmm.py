@@ -317,10 +317,10 @@ def worker_tmbx(case: dict, repeats: int, profile: bool):
                iterations=int(fit._fit.iterations), n_u=int(fit.model.space.n_u),
                n_x=int(fit.model.par.size), layout=_layout(fit.model),
                warnings=sorted({str(x.message)[:200] for x in w}))
-    # a small or mid-size model's fit is compiled in tiers (tmbx/_tiered.py): the
-    # optimized program may still be compiling in the background; repeated fits
-    # time it, and the wait (the rest of its compile) is recorded beside them
-    # (`_fit_program`: None where the fit went another way, profiled least squares)
+    # a small model's fit is compiled in tiers (tmbx/_tiered.py): the optimized
+    # program may still be compiling in the background; repeated fits time it, and
+    # the wait (the rest of its compile) is recorded beside them (`_fit_program`:
+    # None where the fit went another way, profiled least squares)
     wait = getattr(fit.model._fit_program, "wait", None)
     if wait is not None and repeats:
         res["tier_wait_seconds"] = wait()

@@ -123,29 +123,6 @@ NO_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def first_tier_options(data, n_u: int):
-    """The first tier's ``compiler_options`` (`tmbx._tiered`) of a mid-size model's
-    fit: one that `compile_options` leaves at XLA's full optimization, with data
-    of at most `_MID_DATA` numbers, on the CPU (None: not tiered, the fit
-    compiles once, fully optimized).
-
-    XLA:CPU's fusion emitters take most of such a fit program's compile time
-    and buy its run a tenth to a third. Measured on 2 cores, fit program
-    compiled / run, with and without them: the 1e5-row Poisson random-slope
-    ladder 2.07 / 0.20 s and 1.64 / 0.31 s, the crossed Bernoulli ladder
-    2.71 / 0.77 s and 1.79 / 0.88 s. A first fit in a fresh process with an
-    empty compilation cache runs without them; the optimized program compiles
-    in the background for later fits, and a later process loads it from the
-    cache for its first fit (`tmbx._tiered`). On larger data a fit runs long
-    enough that the optimized program pays at once."""
-    force = os.environ.get("TMBX_FAST_COMPILE")
-    if (force is not None and force != "") or jax.default_backend() != "cpu":
-        return None
-    if compile_options(data, n_u) is not None or _data_size(data) > _MID_DATA:
-        return None
-    return _known(NO_FUSION_EMITTERS) or None
-
-
 #: dense blocks of at least this order keep XLA:CPU's YNNPACK fusions
 #: (`fit_compile_options`)
 YNN_DENSE_ORDER = 512

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._config import compile_options, first_tier_options, fit_compile_options
+from ._config import compile_options, fit_compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
 from ._internal import sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
@@ -313,14 +313,11 @@ class Model:
         its compiler options depend on the latent Hessian's layout
         (`fit_options`), which is built on first use too."""
         if self._fit_program is None:
-            # a small or mid-size model's fit compiles quickly first and optimized
-            # later (`tmbx._tiered`)
-            small = self._compiler_options
-            fast = small or first_tier_options(self.data, self.space.n_u)
-            opts = self.fit_options()
+            # a small model's fit compiles quickly first and optimized later (`tmbx._tiered`)
+            fast, opts = self._compiler_options, self.fit_options()
             fit = ProgramCache(self._fit_impl, lambda: self._program_key, opts, name="fit",
                                tiered=fast or None)
-            self._fit_program = TieredJit(fit, fast, always=not small) if fast else fit
+            self._fit_program = TieredJit(fit, fast) if fast else fit
         return self._fit_program
 
     @property

@@ -1,4 +1,4 @@
-"""Tiered compilation of a model's fit: quick to compile first, fast to run later.
+"""Tiered compilation of a small model's fit: quick to compile first, fast to run later.
 
 XLA:CPU spends most of a small model's compile time in LLVM's optimization of
 the fit program. Compiled at backend optimization level 0 the first fit of a
@@ -18,9 +18,6 @@ do we:
 - the optimized program lands in JAX's persistent compilation cache, and a
   marker file beside it names the program's fingerprint, so a later process
   loads the optimized program directly for its first call.
-
-Mid-size models (`tmbx._config.first_tier_options`) are tiered the same way,
-their first tier at full optimization without XLA:CPU's fusion emitters.
 
 No library provides this for `jax.jit`; it uses JAX's ahead-of-time API
 (``lower`` once, ``compile`` twice).
@@ -69,24 +66,8 @@ def optimized_before(lowered):
     return key, os.path.exists(os.path.join(marks, key))
 
 
-def first_tier(lowered, options, store: bool = True):
-    """``lowered`` compiled with the first tier's ``options``; with ``store`` False
-    not written to JAX's persistent compilation cache, for a program whose
-    optimized tier always follows (a later process loads that one, and the write
-    costs a 1e5-row model's first fit about 0.1 s). Written where tiers are off
-    (``TMBX_TIERED=0``: it is then the only program)."""
-    if store or not _enabled():
-        return lowered.compile(compiler_options=options)
-    try:
-        from jax._src.config import persistent_cache_min_compile_time_secs as min_time
-    except ImportError:  # moved in a later JAX: the entry is written, as before
-        return lowered.compile(compiler_options=options)
-    with min_time(float("inf")):  # thread-local: a background compile still writes
-        return lowered.compile(compiler_options=options)
-
-
 class _Program:
-    def __init__(self, lowered, fast_options, store_first=True):
+    def __init__(self, lowered, fast_options):
         from ._programs import prefetched_tier
 
         self.lowered = lowered
@@ -96,7 +77,7 @@ class _Program:
             # from the persistent cache (or already loaded by the prefetch)
             self.compiled, self.optimized, self.thread = lowered.compile(), True, None
             return
-        self.compiled = fast if fast is not None else first_tier(lowered, fast_options, store_first)
+        self.compiled = fast if fast is not None else lowered.compile(compiler_options=fast_options)
         self.optimized, self.thread = False, None
 
     def start_optimizing(self):
@@ -121,17 +102,12 @@ class _Program:
 
 class TieredJit:
     """``jax.jit(fn)`` with tiered compilation (module docstring); ``fast_options``:
-    the ``compiler_options`` of the first tier. ``always``: the optimized tier
-    follows every first run, however quick (a mid-size model's: its first tier
-    only gets the first fit sooner), and the first tier is not stored in the
-    persistent cache; otherwise only a first run slower than `SLOW` starts it
-    (a small model's first tier may be all it ever runs, and is stored)."""
+    the ``compiler_options`` of the first tier."""
 
-    def __init__(self, fn, fast_options, always: bool = False):
+    def __init__(self, fn, fast_options):
         # ``fn`` may come with its own ``lower`` (`tmbx._programs.ProgramCache`)
         self._jit = fn if hasattr(fn, "lower") else jax.jit(fn)
         self._fast = fast_options
-        self._always = always
         self._programs = {}
         self._lock = threading.Lock()
         _INSTANCES.add(self)
@@ -151,13 +127,12 @@ class TieredJit:
                     from ._programs import shared
 
                     pid = self._jit.program_id(args) if hasattr(self._jit, "program_id") else None
-                    prog = self._programs[sig] = shared(
-                        pid, lambda: _Program(self._jit.lower(*args), self._fast, not self._always))
+                    prog = self._programs[sig] = shared(pid, lambda: _Program(self._jit.lower(*args), self._fast))
         if prog.optimized or prog.thread is not None:
             return prog.compiled(*args)  # swapped for the optimized program once it is ready
         t = time.perf_counter()
         out = jax.block_until_ready(prog.compiled(*args))
-        if (self._always or time.perf_counter() - t > SLOW) and _enabled():
+        if time.perf_counter() - t > SLOW and _enabled():
             prog.start_optimizing()
         return out
 
