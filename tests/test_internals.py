@@ -1,8 +1,6 @@
 """Small shared helpers: host-to-device conversion, sorted unique keys, and the
 compiler options chosen per model size."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -392,7 +390,7 @@ def test_tiered_compilation(tmp_path, monkeypatch):
     assert float(t2(jnp.zeros(3), {"w": jnp.ones(3)})) == 0.0 and len(t2._programs) == 2
 
 
-def _poisson_groups(n=3000, groups=150, seed=4):
+def _poisson_groups(n, groups=150, seed=4):
     rng = np.random.default_rng(seed)
     g = rng.integers(0, groups, n)
     x = rng.normal(size=n)
