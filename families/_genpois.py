@@ -32,11 +32,6 @@ def genpois_log_prob(y, log_mu, disp, lfact=None):
     return jnp.where(ok | (y == 0), val, -jnp.inf)
 
 
-def _genpois_kernel(y, log_mu, disp):
-    """`genpois_log_prob` without its ``-lfactorial(y)``."""
-    return genpois_log_prob(y, log_mu, disp, lfact=0.0)
-
-
 @final
 class GeneralizedPoisson(Family):
     """Generalized Poisson counts with mean ``mu`` and ``Var = mu * phi``.
@@ -60,7 +55,7 @@ class GeneralizedPoisson(Family):
     allowed_links: ClassVar[tuple[str, ...]] = ("log", "identity", "sqrt")
 
     def _log_kernel(self, y, eta, disp, psi, trials):
-        return _genpois_kernel(y, self.link.log_inverse(eta), disp)
+        return genpois_log_prob(y, self.link.log_inverse(eta), disp, lfact=0.0)
 
     def _log_norm(self, y, trials):
         return -lfactorial(y)

@@ -61,11 +61,6 @@ class Truncated(_Delegating):
     def _log_kernel(self, y, eta, d, p, t):
         return self._log_prob(y, eta, d, p, t, kernel=True)
 
-    def _log_norm(self, y, trials):
-        pos = y > 0
-        norm = self.base._log_norm(jnp.where(pos, y, self.support_point), trials)
-        return None if norm is None else jnp.where(pos, norm, 0.0)
-
     def _log_prob_zero(self, eta, d, p, t):
         return jnp.full(jnp.shape(eta), -jnp.inf)
 
@@ -153,8 +148,6 @@ class Hurdle(_ZeroWrapper):
         positive = self.truncated._log_prob(y, eta, d, p, t, kernel=kernel)
         return jnp.where(y == 0, log_sigmoid(zi), log_sigmoid(-zi) + positive)
 
-    def _log_norm(self, y, trials):
-        return self.truncated._log_norm(y, trials)
 
     def _zi_mean(self, eta, d, p, t, zi):
         return jax.nn.sigmoid(-zi) * self.truncated._mean(eta, d, p, t)

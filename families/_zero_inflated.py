@@ -48,6 +48,13 @@ class _Delegating(Family):
     def has_norm(self):
         return self.base.has_norm
 
+    def _log_norm(self, y, trials):
+        # the base's at the nonzero responses, 0 at the zeros (where the wrapper's own
+        # zero mass stands, or -inf for a truncated family)
+        zero = y == 0
+        norm = self.base._log_norm(jnp.where(zero, self.base.support_point, y), trials)
+        return None if norm is None else jnp.where(zero, 0.0, norm)
+
     @property
     def psi_start(self):
         return self.base.psi_start
@@ -152,11 +159,6 @@ class ZeroInflated(_ZeroWrapper):
         log_base, log_base0 = both(y_base, eta, d, p, t)
         log_zero = jnp.logaddexp(log_sigmoid(zi), log_sigmoid(-zi) + log_base0)
         return jnp.where(zero, log_zero, log_sigmoid(-zi) + log_base)
-
-    def _log_norm(self, y, trials):
-        zero = y == 0
-        norm = self.base._log_norm(jnp.where(zero, self.base.support_point, y), trials)
-        return None if norm is None else jnp.where(zero, 0.0, norm)
 
     def _zi_mean(self, eta, d, p, t, zi):
         return jax.nn.sigmoid(-zi) * self.base._mean(eta, d, p, t)
