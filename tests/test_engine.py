@@ -264,7 +264,8 @@ def test_newton_goes_on_in_double_precision_where_single_fails():
         lap[mixed] = model.laplace
         assert lap[mixed]._mixed_precision() == (mixed is not None)
     x, u0, data = jnp.asarray([0.5]), jnp.zeros(n), model.data
-    ok_single = lap[0.0]._newton_factor(x, u0, data, 0.0, True)[0]
+    # (compiled, as in a fit: the Hessian's rounding at 5e8 decides the pivot)
+    ok_single = jax.jit(lambda xx: lap[0.0]._newton_factor(xx, u0, data, 0.0, True)[0])(x)
     assert not bool(ok_single)
     double = jax.jit(lambda xx: lap[None].newton(xx, u0, data))
     u_lo, status_lo, _ = jax.jit(lambda xx: lap[0.0].newton(xx, u0, data))(x)

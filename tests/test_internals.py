@@ -77,6 +77,23 @@ def test_compile_options_unknown_to_this_xla_are_dropped():
         "xla_backend_optimization_level": 0}
 
 
+def test_compile_options_probed_together_then_one_by_one(monkeypatch):
+    # tmbx's own options are probed in one compile; where that fails (an option
+    # a later XLA dropped) each is probed alone and the known ones are kept
+    from tmbx import _config
+
+    bogus = {"xla_tmbx_no_such_option": False}
+    monkeypatch.setattr(_config, "_every_option", lambda: {**FAST_COMPILE, **bogus})
+    _config._all_known.cache_clear()
+    try:
+        assert _config._known({**FAST_COMPILE, **bogus}) == FAST_COMPILE
+        assert not _config._all_known()
+    finally:
+        monkeypatch.undo()
+        _config._all_known.cache_clear()
+    assert _config._all_known()  # this jaxlib knows every option tmbx uses
+
+
 def test_lmm_compile_options_by_data_size(monkeypatch):
     monkeypatch.delenv("TMBX_FAST_COMPILE", raising=False)
     assert lmm_compile_options({"y": np.zeros(100)}, 10) == FAST_COMPILE

@@ -163,14 +163,31 @@ def merged(*options):
 
 def _known(options: dict) -> dict:
     """``options`` without those this jaxlib's XLA does not know (the debug
-    options change between versions; an unknown one fails every compile)."""
+    options change between versions; an unknown one fails every compile).
+    Each probe is a compile (10-20 ms), so every option tmbx uses is probed at
+    once first (`_all_known`), one by one only where that fails."""
+    if options.items() <= _every_option().items() and _all_known():
+        return dict(options)
     return {k: v for k, v in options.items() if _option_known(k, v)}
+
+
+def _every_option() -> dict:
+    return {**FAST_COMPILE, **NO_FUSION_EMITTERS, **NO_YNN_FUSIONS}
+
+
+@functools.cache
+def _all_known() -> bool:
+    return _compiles_with(_every_option())
 
 
 @functools.cache
 def _option_known(name: str, value) -> bool:
+    return _compiles_with({name: value})
+
+
+def _compiles_with(options: dict) -> bool:
     try:
-        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={name: value})
+        jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options=options)
     except Exception:  # noqa: BLE001 - XLA's error for an unknown option
         return False
     return True

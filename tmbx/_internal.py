@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import gc
+import threading
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -122,6 +124,45 @@ def eval_method(obj, method, *args):
     import numpy as np
 
     return jax.tree_util.tree_map(np.asarray, _method_program()(obj, args, method))
+
+
+#: the cyclic garbage collector's first threshold while `gc_deferred` holds (Python's: 700)
+GC_DEFERRED_THRESHOLD = 100_000
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_saved = None
+
+
+def gc_deferred(fn):
+    """``fn`` run with Python's cyclic garbage collector's first threshold raised
+    to `GC_DEFERRED_THRESHOLD` (restored after; nested and concurrent calls share
+    one raise).
+
+    Tracing a fit program allocates hundreds of thousands of tracers, equations
+    and abstract values that live until the trace ends, and each young-generation
+    collection walks them again: on 2 cores a quarter of the tracing of a
+    1e5-row Poisson GLMM's fit program (0.63 s to 0.46 s) and a fifth of Owls'
+    zero-inflated nbinom1 model's. Reference counting still frees everything
+    acyclic at once; the cycles JAX's traces leave are collected once the
+    threshold is back. A process that turned the collector off keeps it off."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _gc_depth, _gc_saved
+        with _gc_lock:
+            if _gc_depth == 0:
+                _gc_saved = gc.get_threshold()
+                gc.set_threshold(max(_gc_saved[0], GC_DEFERRED_THRESHOLD), *_gc_saved[1:])
+            _gc_depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _gc_lock:
+                _gc_depth -= 1
+                if _gc_depth == 0:
+                    gc.set_threshold(*_gc_saved)
+
+    return wrapper
 
 
 def sharded(a) -> bool:

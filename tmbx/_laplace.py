@@ -133,7 +133,7 @@ class Laplace:
     def __init__(self, f, hessian, n_u: int, options: InnerOptions = InnerOptions(),
                  quadratic: bool = False):
         self.quadratic = quadratic
-        self.f = lambda x, u, data: f(x, u, _strip(data))
+        self.f = jax.jit(lambda x, u, data: f(x, u, _strip(data)))
         self.hessian = hessian
         self.layout = hessian.layout
         self._hessian_index = large_arrays(hessian, getattr(hessian, "TRACEABLE", ()))
@@ -194,6 +194,11 @@ class Laplace:
 
     def flat(self, x, u, data):
         """``H`` in the layout's flat storage (padding added, dummy slot dropped)."""
+        if getattr(self, "_flat_jit", None) is None:
+            self._flat_jit = jax.jit(self._flat)
+        return self._flat_jit(x, u, data)
+
+    def _flat(self, x, u, data):
         hessian = self._parts(data)[0]
         return hessian(x, u, _strip(data)).at[self._pad_slots].add(self._pad_values)[:-1]
 

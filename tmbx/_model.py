@@ -26,7 +26,7 @@ import numpy as np
 
 from ._config import compile_options, fit_compile_options
 from ._hessian import ColoredHessian, LatentGaussianHessian
-from ._internal import sharded, to_device
+from ._internal import gc_deferred, sharded, to_device
 from ._laplace import INDEX_KEY, INNER_MESSAGES, INNER_OK, InnerOptions, Laplace
 from ._optim import OUTER_MESSAGES, BFGSOptions, bfgs
 from ._params import ParamSpace
@@ -467,6 +467,7 @@ class Model:
         return np.asarray(self._hess(to_device(x, np.float64), self._u_last, self.data))
 
     # ---------------------------------------------------------------- fitting
+    @gc_deferred
     def fit(self, start: dict | None = None) -> "Fit":
         """Maximize the Laplace marginal likelihood; returns a `Fit`."""
         x0, u0 = self._starts(start)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .._internal import LazyModule
+from .._internal import LazyModule, gc_deferred
 
 sst = LazyModule("scipy.stats")
 
@@ -16,6 +16,7 @@ from ._fit import GlmmFit
 from ._template import build_template, resolve_family
 
 
+@gc_deferred
 def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, dispformula=None,
          reml: bool = False, weights=None, offset=None, start=None, map=None, *,
          na_action: str = "omit", layout: str | None = None, REML=None, priors=None,
