@@ -110,7 +110,11 @@ def to_device(a, dtype=None):
 def _method_program():
     import jax
 
-    return jax.jit(lambda obj, args, method: getattr(obj, method)(*args), static_argnums=2)
+    from ._config import small_program_options
+
+    # (these programs run once on a few numbers: compiled for speed of compiling)
+    return jax.jit(lambda obj, args, method: getattr(obj, method)(*args), static_argnums=2,
+                   compiler_options=small_program_options())
 
 
 def eval_method(obj, method, *args):
