@@ -108,13 +108,15 @@ def to_device(a, dtype=None):
 
 @functools.cache
 def _method_program():
-    import jax
+    import equinox as eqx
 
     from ._config import small_program_options
 
-    # (these programs run once on a few numbers: compiled for speed of compiling)
-    return jax.jit(lambda obj, args, method: getattr(obj, method)(*args), static_argnums=2,
-                   compiler_options=small_program_options())
+    # `eqx.filter_jit`: the module's arrays are traced and its other fields (a
+    # user's structure may keep its order as a plain int) are static. These
+    # programs run once on a few numbers: compiled for speed of compiling.
+    return eqx.filter_jit(lambda obj, args, method: getattr(obj, method)(*args),
+                          compiler_options=small_program_options())
 
 
 def eval_method(obj, method, *args):
@@ -123,10 +125,12 @@ def eval_method(obj, method, *args):
     NumPy. Run op by op, each operation's first use compiles its own program
     (about 20 ms each, dozens for a structure's factor); jitted here, the program
     is compiled once per module type, method and argument shapes, and reused by
-    every later call in the process."""
+    every later call in the process. Python numbers among ``args`` are traced
+    (as NumPy scalars), not compiled in."""
     import jax
     import numpy as np
 
+    args = tuple(np.asarray(a) if isinstance(a, (bool, int, float)) else a for a in args)
     return jax.tree_util.tree_map(np.asarray, _method_program()(obj, args, method))
 
 
