@@ -258,7 +258,12 @@ class GlmmFit:
             Tt = t.struct.factor(sp.unflatten(x, u)[thkey][t.theta_slice])
             var = jnp.einsum("jl,mlr,jr->mj", Tt, blocks, Tt)
             if x.shape[0]:
-                Jb = jax.jacfwd(lambda xx: b_of(xx, lap.u_star(xx, u, d)[0]))(x)
+                # u*(x) to first order, u + J dx (`Laplace.mode_jacobian`, the
+                # implicit derivative `u_star` gives): the same Jb without the
+                # Newton solve in the program (its compile was most of a fresh
+                # process's ranef())
+                J = lap.mode_jacobian(x, u, d, F)
+                Jb = jax.jacfwd(lambda xx: b_of(xx, u + J @ (xx - x)))(x)
                 var = var + jnp.einsum("ij,jk,ik->i", Jb, V, Jb).reshape(t.m, t.k)
             return var
 
@@ -311,35 +316,50 @@ class GlmmFit:
         if type not in ("link", "response"):
             raise ValueError(f"type must be 'link' or 'response', got {type!r}")
         des, d = self._newdata(newdata)
-        sp = self.model.space
-        eta_c = self._eta_fn(d, "cond", population)
-        has_zi = "zi" in d
-
-        def pred(p):
-            eta = eta_c(p)
-            if type == "link":
-                return eta
-            zi = self._eta_fn(d, "zi", population)(p) if has_zi else None
-            disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
-            trials = None
-            return self.family.mean(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=trials)
-
+        prog = self._predict_program(type, population)
         x, u = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u)
-        fit = np.asarray(pred(sp.unflatten(x, u)))
+        fit = np.asarray(prog(x, u, d))
         if not se_fit:
             return fit
-        se = self._delta_se(lambda xx, uu: pred(sp.unflatten(xx, uu)))
+        se = self._delta_se(lambda xx, uu: prog(xx, uu, d))
         if not population:
             # a level not seen in fitting has a random effect with no data: its
             # conditional variance is the prior covariance (as glmmTMB, which adds
             # the new level to the model)
             extra = self._new_level_variance(d, "cond")
             if type == "response" and np.any(extra > 0):
-                fam = self.family
-                mu_eta = np.asarray(fam.link.mu_eta(jnp.asarray(eta_c(sp.unflatten(x, u)))))
+                eta = self._predict_program("link", population)(x, u, d)
+                mu_eta = np.asarray(eval_method(self.family.link, "mu_eta", eta))
                 extra = extra * mu_eta**2
             se = np.sqrt(se**2 + extra)
         return pd.DataFrame({"fit": fit, "se_fit": se})
+
+    def _predictors(self, x, u, d, population=False):
+        """``(eta, eta_zi or None, disp or None)``: the linear predictors at the
+        parameters ``(x, u)`` on the data ``d`` (`_newdata`), traceable."""
+        p = self.model.space.unflatten(x, u)
+        eta = self._eta_fn(d, "cond", population)(p)
+        zi = self._eta_fn(d, "zi", population)(p) if "zi" in d else None
+        disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
+        return eta, zi, disp
+
+    def _predict_program(self, type, population):
+        """Predictions ``(x, u, d) -> eta`` (``type="link"``) or the conditional mean,
+        one compiled program per (type, population) and data shapes. Op by op,
+        each operation's first use in a process compiles its own program: 0.7-1.0 s
+        of a fresh process's first ``predict()``."""
+        progs = self.__dict__.setdefault("_predict_programs", {})
+        key = (type, population)
+        if key not in progs:
+            def run(x, u, d):
+                eta, zi, disp = self._predictors(x, u, d, population)
+                if type == "link":
+                    return eta
+                psi = self.model.space.unflatten(x, u).get("psi")
+                return self.family.mean(eta, disp=disp, psi=psi, zi=zi, trials=None)
+
+            progs[key] = jax.jit(run)
+        return progs[key]
 
     def _new_level_variance(self, d, component):
         p = self._par()
@@ -367,9 +387,11 @@ class GlmmFit:
             if lap is None:
                 D = jax.jacfwd(lambda xx: phi(xx, u))(x)
                 return jnp.einsum("ij,jk,ik->i", D, V, D)
-            D = jax.jacfwd(lambda xx: phi(xx, lap.u_star(xx, u, d)[0]))(x)
+            F = lap.factor(x, u, d)
+            J = lap.mode_jacobian(x, u, d, F)  # (u*(x) to first order, as `_ranef_sd`)
+            D = jax.jacfwd(lambda xx: phi(xx, u + J @ (xx - x)))(x)
             Pu = jax.jacrev(lambda uu: phi(x, uu))(u)
-            sol = lap.factor(x, u, d).solve(Pu.T)
+            sol = F.solve(Pu.T)
             return jnp.einsum("ij,jk,ik->i", D, V, D) + jnp.einsum("ij,ji->i", Pu, sol)
 
         return np.sqrt(np.maximum(np.asarray(var(x, u)), 0))
@@ -385,17 +407,21 @@ class GlmmFit:
         yy = y / trials if trials is not None else y
         if type == "response":
             return yy - mu
-        p = self._par()
+        if type not in ("pearson", "deviance"):
+            raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
         _, d = self._newdata(None)
-        eta = np.asarray(self._eta_fn(d, "cond")(p))
-        zi = np.asarray(self._eta_fn(d, "zi")(p)) if "zi" in d else None
-        disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
-        if type == "pearson":
-            var = np.asarray(self.family.variance(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=trials))
-            return (yy - mu) / np.sqrt(var)
-        if type == "deviance":
-            return np.asarray(self.family.deviance_residuals(y, eta, disp=disp, psi=p.get("psi"), trials=trials))
-        raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
+        fam = self.family
+
+        @jax.jit  # (one program, as `_predict_program`)
+        def res(x, u, d, y, trials):
+            eta, zi, disp = self._predictors(x, u, d)
+            psi = self.model.space.unflatten(x, u).get("psi")
+            if type == "pearson":
+                return fam.variance(eta, disp=disp, psi=psi, zi=zi, trials=trials)
+            return fam.deviance_residuals(y, eta, disp=disp, psi=psi, trials=trials)
+
+        out = np.asarray(res(jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), d, y, trials))
+        return (yy - mu) / np.sqrt(out) if type == "pearson" else out
 
     def refit(self, newresp=None) -> "GlmmFit":
         """Fit the same model again (lme4's and glmmTMB's ``refit``), to ``newresp`` (a
