@@ -155,7 +155,8 @@ class GlmmFit:
                 F = lap.factor(x, u, d)
                 E = jnp.zeros((u.shape[0], len(cols))).at[cols, jnp.arange(len(cols))].set(1.0)
                 Hinv = F.solve(E)[cols]
-                J = jax.jacfwd(lambda xx: lap.u_star(xx, u, d)[0])(x)[cols] if x.shape[0] else jnp.zeros((len(cols), 0))
+                # (du*/dx at the mode without the Newton solve, as `_ranef_sd`)
+                J = lap.mode_jacobian(x, u, d, F)[cols] if x.shape[0] else jnp.zeros((len(cols), 0))
                 return Hinv, J
 
             Hinv, J = (np.asarray(a) for a in core(x, u))
