@@ -13,7 +13,6 @@ import pandas as pd
 
 from .._internal import LazyModule, eval_method
 
-sst = LazyModule("scipy.stats")
 scipy_special = LazyModule("scipy.special")
 
 from ._design import new_design
@@ -488,7 +487,7 @@ class GlmmFit:
             return self.bootstrap(**kwargs).confint(level=level, parm=parm)
         if method != "wald":
             raise ValueError(f"confint method must be 'wald', 'profile' or 'boot', got {method!r}")
-        zq = sst.norm.ppf(0.5 + level / 2)
+        zq = float(scipy_special.ndtri(0.5 + level / 2))  # the normal quantile (scipy.stats takes 0.25 s to import)
         rows = []
         for comp, est in self.fixef.items():
             if comp == "disp" and self.sigma is not None:
@@ -513,7 +512,7 @@ class GlmmFit:
             i = ("betadisp", 0)
             se = math.sqrt(cov.loc[i, i])
             bd = float(p["betadisp"][0])
-            sig = lambda v: float(self.family.sigma(v))
+            sig = lambda v: float(eval_method(self.family, "sigma", v))
             lo, hi = sorted([sig(bd - zq * se), sig(bd + zq * se)])
             rows.append(("sigma", self.sigma, lo, hi))
         df = pd.DataFrame(rows, columns=["name", "estimate", "lower", "upper"]).set_index("name")
