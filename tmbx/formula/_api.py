@@ -7,10 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .._internal import LazyModule, gc_deferred
-
-sst = LazyModule("scipy.stats")
-
+from .._internal import gc_deferred
 from ._design import build_design
 from ._fit import GlmmFit
 from ._template import build_template, resolve_family
