@@ -172,7 +172,8 @@ def _simulator(fit, conditional: bool):
     cache = _SIMULATORS.setdefault(id(fit), {})
     if conditional not in cache:
         one = _draw_fn(fit, conditional=conditional)
-        cache[conditional] = jax.jit(jax.vmap(one, in_axes=(None, 0)))
+        # (the model's compiler options: a small model's sampler compiles faster at level 0)
+        cache[conditional] = fit.model.jit(jax.vmap(one, in_axes=(None, 0)))
         weakref.finalize(fit, _SIMULATORS.pop, id(fit), None)
     return cache[conditional]
 
