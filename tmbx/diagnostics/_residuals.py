@@ -166,16 +166,17 @@ def _check_nsim(nsim):
         raise ValueError(f"nsim must be an integer of at least 2 (DHARMa's default is 250), got {nsim!r}")
 
 
-def _simulator(fit, conditional: bool):
-    """Jitted ``(p, keys) -> (len(keys), N)`` simulations, cached per fit so that repeated
-    residual checks (and plots) of one fit compile once."""
+def _simulator(fit, conditional: bool, jitted: bool = True):
+    """``(p, keys) -> (len(keys), N)`` simulations, jitted (with the model's compiler
+    options: a small model's sampler compiles faster at level 0) and cached per fit so
+    that repeated residual checks (and plots) of one fit compile once; ``jitted=False``:
+    the plain function, for a caller's own program."""
     cache = _SIMULATORS.setdefault(id(fit), {})
     if conditional not in cache:
-        one = _draw_fn(fit, conditional=conditional)
-        # (the model's compiler options: a small model's sampler compiles faster at level 0)
-        cache[conditional] = fit.model.jit(jax.vmap(one, in_axes=(None, 0)))
+        many = jax.vmap(_draw_fn(fit, conditional=conditional), in_axes=(None, 0))
+        cache[conditional] = (many, fit.model.jit(many))
         weakref.finalize(fit, _SIMULATORS.pop, id(fit), None)
-    return cache[conditional]
+    return cache[conditional][1 if jitted else 0]
 
 
 _SIMULATORS: dict = {}
@@ -203,8 +204,8 @@ def simulate_residuals_batch(fit, batch, y, nsim: int = 250, seed: int = 0, cond
     _check_nsim(nsim)
     sp = fit.model.space
     y = np.asarray(y, float)
-    sim = _simulator(fit, conditional)
-    members = jax.jit(jax.vmap(lambda x, u, k: sim(sp.unflatten(x, u), k)))
+    sim = _simulator(fit, conditional, jitted=False)
+    members = fit.model.jit(jax.vmap(lambda x, u, k: sim(sp.unflatten(x, u), k)))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(batch) * nsim).reshape(len(batch), nsim, -1)
     sims = np.asarray(members(jnp.asarray(batch.x), jnp.asarray(batch.res["u"]), keys))
     return [SimulatedResiduals.from_simulations(y[i], sims[i], seed=seed + i) for i in range(len(batch))]
