@@ -111,9 +111,9 @@ def compile_options(data, n_u: int):
 def small_program_options():
     """``compiler_options`` of the small programs that run once on a few numbers
     (`tmbx._internal.eval_method`: a covariance structure's factor at the start
-    values, a family's variance): `FAST_COMPILE` on XLA:CPU. Each compiles in
-    about two thirds of the time at XLA's defaults; a cold first fit of the
-    crossed Gaussian ladder compiles nine of them."""
+    values, a family's variance): `FAST_COMPILE` on XLA:CPU. A cold first fit of
+    the crossed Gaussian ladder compiles five of them, in 0.06 s so against
+    0.09 s at XLA's defaults."""
     if jax.default_backend() != "cpu":
         return None
     return _known(FAST_COMPILE) or None

@@ -401,14 +401,14 @@ class GlmmFit:
 
     def residuals(self, type="response"):
         """Residuals: "response" (y - mu; proportions for binomial), "pearson", "deviance"."""
+        if type not in ("response", "pearson", "deviance"):
+            raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
         y = self.design.y.astype(float)
         trials = self.design.trials
         mu = self.predict(type="response")
         yy = y / trials if trials is not None else y
         if type == "response":
             return yy - mu
-        if type not in ("pearson", "deviance"):
-            raise ValueError(f"type must be 'response', 'pearson' or 'deviance', got {type!r}")
         _, d = self._newdata(None)
         fam = self.family
 
