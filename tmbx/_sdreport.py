@@ -200,7 +200,7 @@ def _random_core(model):
             J = lap.mode_jacobian(x, u, d, F) if x.shape[0] else jnp.zeros((u.shape[0], 0))
             return F.diag_inverse(), J
 
-        model._random_core = jax.jit(core)
+        model._random_core = model.jit(core)  # (level 0 for a small model)
     return model._random_core
 
 
@@ -229,7 +229,7 @@ def _report_core(model):
                 PHP[k] = Pu @ F.solve(Pu.T)
             return vals, D, PHP
 
-        model._report_core = jax.jit(core)
+        model._report_core = model.jit(core)  # (level 0 for a small model)
     return model._report_core
 
 
@@ -277,5 +277,5 @@ def _bias_core(model):
                 start += n
             return u_bc, vals
 
-        model._bias_core = jax.jit(core)
+        model._bias_core = model.jit(core)  # (level 0 for a small model)
     return model._bias_core

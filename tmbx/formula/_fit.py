@@ -149,7 +149,7 @@ class GlmmFit:
         else:
             lap = self.model.laplace
 
-            @jax.jit
+            @self.model.jit  # (the model's compiler options: level 0 for a small one)
             def core(x, u):
                 F = lap.factor(x, u, d)
                 E = jnp.zeros((u.shape[0], len(cols))).at[cols, jnp.arange(len(cols))].set(1.0)
@@ -251,7 +251,7 @@ class GlmmFit:
             Tt = t.struct.factor(p[thkey][t.theta_slice])
             return (p[bkey][t.b_slice].reshape(t.m, t.k) @ Tt.T).reshape(-1)
 
-        @jax.jit
+        @self.model.jit  # (the model's compiler options: level 0 for a small one)
         def core(x, u):
             F = lap.factor(x, u, d)
             blocks = F.inverse_entries(rows, cols).reshape(t.m, t.k, t.k)
@@ -382,7 +382,7 @@ class GlmmFit:
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
         V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
 
-        @jax.jit
+        @self.model.jit  # (the model's compiler options: level 0 for a small one)
         def var(x, u):
             if lap is None:
                 D = jax.jacfwd(lambda xx: phi(xx, u))(x)
@@ -412,7 +412,7 @@ class GlmmFit:
         _, d = self._newdata(None)
         fam = self.family
 
-        @jax.jit  # (one program, as `_predict_program`)
+        @self.model.jit  # (one program, as `_predict_program`)
         def res(x, u, d, y, trials):
             eta, zi, disp = self._predictors(x, u, d)
             psi = self.model.space.unflatten(x, u).get("psi")
