@@ -519,21 +519,36 @@ class ArrowFactor(eqx.Module):
         return jnp.concatenate([head.reshape(-1), coup.reshape(-1), tail.reshape(-1)])
 
     def inverse_entries(self, rows, cols):
-        """Entries (rows[i], cols[i]) of H^-1 for pairs inside one head block or
-        inside the tail (the selected inverse on the arrow's own pattern)."""
+        """Entries (rows[i], cols[i]) of H^-1 on the arrow's own pattern (the
+        selected inverse): pairs inside one head block, inside the tail, or
+        between a head block and a tail level it couples to (either order)."""
         lay = self.layout
         rows, cols = np.asarray(rows), np.asarray(cols)
+        # head-tail pairs with the head first (H^-1 is symmetric)
+        swap = (lay.where_block[rows] < 0) & (lay.where_block[cols] >= 0)
+        rows, cols = np.where(swap, cols, rows), np.where(swap, rows, cols)
         br, bc = lay.where_block[rows], lay.where_block[cols]
-        if np.any((br != bc) | ((br < 0) != (bc < 0))):
-            raise NotImplementedError("inverse entries across arrow blocks")
-        head, _, Sinv = self._selected_inverse()
+        pr, pc = lay.where_pos[rows], lay.where_pos[cols]
+        ht = (br >= 0) & (bc < 0)
+        if np.any((br != bc) & ~ht):
+            raise NotImplementedError("inverse entries between two head blocks of an arrow layout")
+        ci = np.zeros(rows.shape, np.int64)
+        if np.any(ht):
+            keys = br[ht] * lay.t + pc[ht]
+            at = np.minimum(np.searchsorted(lay.coupling_keys, keys), len(lay.coupling_keys) - 1)
+            if np.any(lay.coupling_keys[at] != keys):
+                raise NotImplementedError("inverse entries off an arrow layout's coupling pattern")
+            ci[ht] = lay.coupling_idx[at]
+        head, coup, Sinv = self._selected_inverse()
         if not lay.t:
             Sinv = jnp.zeros((1, 1))
-        pr, pc = lay.where_pos[rows], lay.where_pos[cols]
         hb = np.maximum(br, 0)
-        out_h = head[hb, pr, pc]
+        out_h = head[hb, np.where(br >= 0, pr, 0), np.where((br >= 0) & ~ht, pc, 0)]
         out_t = Sinv[np.where(br < 0, pr, 0), np.where(br < 0, pc, 0)]
-        return jnp.where(jnp.asarray(br >= 0), out_h, out_t)
+        out = jnp.where(jnp.asarray(br >= 0), out_h, out_t)
+        if np.any(ht):
+            out = jnp.where(jnp.asarray(ht), coup[hb, pr, ci], out)
+        return out
 
     def diag_inverse(self):
         """Diagonal of H^-1 without forming it: ``diag(D^-1) + diag(V S^-1 V')`` per

@@ -321,7 +321,7 @@ class GlmmFit:
         fit = np.asarray(prog(x, u, d))
         if not se_fit:
             return fit
-        se = self._delta_se(lambda xx, uu: prog(xx, uu, d))
+        se = self._delta_se(lambda xx, uu: prog(xx, uu, d), d)
         if not population:
             # a level not seen in fitting has a random effect with no data: its
             # conditional variance is the prior covariance (as glmmTMB, which adds
@@ -376,11 +376,43 @@ class GlmmFit:
             extra[new] += np.einsum("ij,jk,ik->i", Z, S, Z)
         return extra
 
-    def _delta_se(self, phi):
-        """sd of phi(x, u*) by TMB's sdreport formula (fixed + random uncertainty)."""
+    def _delta_se(self, phi, newd=None):
+        """sd of phi(x, u*) by TMB's sdreport formula (fixed + random uncertainty);
+        ``newd``: the prediction data (`_newdata`) phi reads, whose rows each
+        depend on one level per random-effect term.
+
+        The random part is ``P H^-1 P'`` per row, ``P = dphi/du``. Each row depends
+        on one level of each term, so P is recovered from one forward derivative
+        per term and column (the levels of a term never share a row:
+        `_row_effects`) and the quadratic forms need only the entries of H^-1
+        between a row's own effects (`inverse_entries`): memory linear in the
+        rows. (Reverse-mode over every row, the fallback where a layout lacks
+        those entries, holds rows x rows numbers: 161 GB at 1e5 rows.)"""
         lap = self.model.laplace
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
         V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
+        effects = self._row_effects(newd) if newd is not None and lap is not None else None
+        if effects is not None:
+            ucol = effects[0]
+
+            def probe():  # (traced only: does the layout give every pair's entries?)
+                F = lap.factor(x, u, d)
+                return [F.inverse_entries(ucol[:, a], ucol[:, b])
+                        for a in range(ucol.shape[1]) for b in range(ucol.shape[1])]
+
+            try:
+                jax.eval_shape(probe)
+            except (AttributeError, NotImplementedError):
+                effects = None
+        if effects is not None:
+            ucol, seeds = effects
+        if effects is None and lap is not None:
+            n = int(np.shape(jax.eval_shape(lambda: phi(x, u)))[0])
+            if 16.0 * n * n > 8e9:
+                raise ValueError(
+                    f"standard errors of {n:,} predictions need the inverse Hessian's entries between each "
+                    f"row's random effects, which this model's latent layout ({lap.layout.kind}) does not "
+                    "provide; predict a subset of rows (newdata) or without se_fit")
 
         @self.model.jit  # (the model's compiler options: level 0 for a small one)
         def var(x, u):
@@ -390,11 +422,46 @@ class GlmmFit:
             F = lap.factor(x, u, d)
             J = lap.mode_jacobian(x, u, d, F)  # (u*(x) to first order, as `_ranef_sd`)
             D = jax.jacfwd(lambda xx: phi(xx, u + J @ (xx - x)))(x)
-            Pu = jax.jacrev(lambda uu: phi(x, uu))(u)
-            sol = F.solve(Pu.T)
-            return jnp.einsum("ij,jk,ik->i", D, V, D) + jnp.einsum("ij,ji->i", Pu, sol)
+            fixed = jnp.einsum("ij,jk,ik->i", D, V, D)
+            if effects is None:
+                Pu = jax.jacrev(lambda uu: phi(x, uu))(u)
+                return fixed + jnp.einsum("ij,ji->i", Pu, F.solve(Pu.T))
+            Pc = jax.vmap(lambda s: jax.jvp(lambda uu: phi(x, uu), (u,), (s,))[1])(jnp.asarray(seeds))
+            rand = 0.0
+            for a in range(ucol.shape[1]):
+                for b in range(ucol.shape[1]):
+                    rand = rand + Pc[a] * Pc[b] * F.inverse_entries(ucol[:, a], ucol[:, b])
+            return fixed + rand
 
         return np.sqrt(np.maximum(np.asarray(var(x, u)), 0))
+
+    def _row_effects(self, d):
+        """``(ucol, seeds)`` for `_delta_se`: ``ucol[i, c]`` the position in u of row
+        i's effect of colour c (one colour per random-effect term and column; 0
+        where the row has no level, its derivative then 0), ``seeds[c]`` the u
+        vector with ones at every level's effect of colour c. None where some
+        random effect is held or shared (``map``)."""
+        sp = self.model.space
+        if set(sp.random) - {"b", "bzi"}:  # (REML: beta among the integrated effects)
+            return None
+        cols, seeds = [], []
+        for comp, bkey in (("cond", "b"), ("zi", "bzi")):
+            if comp not in d:
+                continue
+            terms = [t for t in self.template.terms if t.component == comp]
+            for j, t in enumerate(terms):
+                pos = np.asarray(sp.index[bkey][t.b_slice]).reshape(t.m, t.k)
+                if np.any(pos < 0) or np.unique(pos).size != pos.size:
+                    return None
+                idx = np.asarray(d[comp]["index"][j])
+                for c in range(t.k):
+                    cols.append(np.where(idx >= 0, pos[np.maximum(idx, 0), c], 0))
+                    seed = np.zeros(sp.n_u)
+                    seed[pos[:, c]] = 1.0
+                    seeds.append(seed)
+        if not cols:
+            return None
+        return np.stack(cols, axis=1), np.stack(seeds)
 
     def fitted(self):
         return self.predict(type="response")
