@@ -376,6 +376,11 @@ class GlmmFit:
             extra[new] += np.einsum("ij,jk,ik->i", Z, S, Z)
         return extra
 
+    #: `_delta_se` takes its random part from each row's own effects up to this
+    #: many per row (random-effect terms times their columns); beyond (an ar1 or
+    #: spatial term of many levels: every row depends on all of them) reverse mode
+    MAX_ROW_EFFECTS = 16
+
     def _delta_se(self, phi, newd=None):
         """sd of phi(x, u*) by TMB's sdreport formula (fixed + random uncertainty);
         ``newd``: the prediction data (`_newdata`) phi reads, whose rows each
@@ -392,20 +397,19 @@ class GlmmFit:
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
         V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
         effects = self._row_effects(newd) if newd is not None and lap is not None else None
-        if effects is not None:
-            ucol = effects[0]
-
-            def probe():  # (traced only: does the layout give every pair's entries?)
-                F = lap.factor(x, u, d)
-                return [F.inverse_entries(ucol[:, a], ucol[:, b])
-                        for a in range(ucol.shape[1]) for b in range(ucol.shape[1])]
-
-            try:
-                jax.eval_shape(probe)
-            except (AttributeError, NotImplementedError):
-                effects = None
+        if effects is not None and effects[0].shape[1] > self.MAX_ROW_EFFECTS:
+            effects = None  # (rows x effects^2 entries: reverse mode is cheaper)
         if effects is not None:
             ucol, seeds = effects
+            n_c = ucol.shape[1]
+            # every row's pairs of effects, (rows, colours, colours) flattened
+            pair_r = np.repeat(ucol[:, :, None], n_c, axis=2).reshape(-1)
+            pair_c = np.repeat(ucol[:, None, :], n_c, axis=1).reshape(-1)
+
+            try:  # (traced only: does the layout give these entries?)
+                jax.eval_shape(lambda: lap.factor(x, u, d).inverse_entries(pair_r, pair_c))
+            except (AttributeError, NotImplementedError):
+                effects = None
         if effects is None and lap is not None:
             n = int(np.shape(jax.eval_shape(lambda: phi(x, u)))[0])
             if 16.0 * n * n > 8e9:
@@ -427,11 +431,8 @@ class GlmmFit:
                 Pu = jax.jacrev(lambda uu: phi(x, uu))(u)
                 return fixed + jnp.einsum("ij,ji->i", Pu, F.solve(Pu.T))
             Pc = jax.vmap(lambda s: jax.jvp(lambda uu: phi(x, uu), (u,), (s,))[1])(jnp.asarray(seeds))
-            rand = 0.0
-            for a in range(ucol.shape[1]):
-                for b in range(ucol.shape[1]):
-                    rand = rand + Pc[a] * Pc[b] * F.inverse_entries(ucol[:, a], ucol[:, b])
-            return fixed + rand
+            Hinv = F.inverse_entries(pair_r, pair_c).reshape(ucol.shape[0], n_c, n_c)
+            return fixed + jnp.einsum("an,bn,nab->n", Pc, Pc, Hinv)
 
         return np.sqrt(np.maximum(np.asarray(var(x, u)), 0))
 
