@@ -148,7 +148,6 @@ class Hurdle(_ZeroWrapper):
         positive = self.truncated._log_prob(y, eta, d, p, t, kernel=kernel)
         return jnp.where(y == 0, log_sigmoid(zi), log_sigmoid(-zi) + positive)
 
-
     def _zi_mean(self, eta, d, p, t, zi):
         return jax.nn.sigmoid(-zi) * self.truncated._mean(eta, d, p, t)
 

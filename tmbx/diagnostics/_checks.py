@@ -180,9 +180,7 @@ def check_zeroinflation(fit) -> dict:
         raise ValueError("check_zeroinflation(): the response has no zeros, so there is nothing to check.")
     p = {k: jnp.asarray(v) for k, v in fit._par().items()}
     _, d = fit._newdata(None)
-    eta = fit._eta_fn(d, "cond")(p)
-    zi = fit._eta_fn(d, "zi")(p) if "zi" in d else None
-    disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
+    eta, zi, disp = fit._linear_predictors(p, d)
     kw = {"zi": zi} if zi is not None else {}
     logp0 = fam.log_prob(jnp.zeros_like(eta), eta, disp=disp, psi=p.get("psi"), **kw)
     predicted = round(float(np.sum(np.exp(np.asarray(logp0)))))

@@ -145,8 +145,6 @@ def _draw_fn(fit, conditional: bool = False):
     fam = fit.family
     _, d = fit._newdata(None)
     trials = None if fit.design.trials is None else jnp.asarray(fit.design.trials)
-    eta_c = fit._eta_fn(d, "cond")
-    eta_zi = fit._eta_fn(d, "zi") if "zi" in d else None
 
     def one(p, key):
         k1, k2, k3 = jax.random.split(key, 3)
@@ -154,9 +152,8 @@ def _draw_fn(fit, conditional: bool = False):
         for name, k in (("b", k1), ("bzi", k2)):
             if name in q and not conditional:
                 q[name] = jax.random.normal(k, q[name].shape)
-        zi = eta_zi(q) if eta_zi is not None else None
-        disp = d["disp"]["X"] @ q["betadisp"] + d["disp"]["offset"] if fam.has_disp else None
-        return fam.sample(k3, eta_c(q), disp=disp, psi=q.get("psi"), zi=zi, trials=trials)
+        eta, zi, disp = fit._linear_predictors(q, d)
+        return fam.sample(k3, eta, disp=disp, psi=q.get("psi"), zi=zi, trials=trials)
 
     return one
 

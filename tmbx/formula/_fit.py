@@ -334,29 +334,38 @@ class GlmmFit:
             se = np.sqrt(se**2 + extra)
         return pd.DataFrame({"fit": fit, "se_fit": se})
 
-    def _predictors(self, x, u, d, population=False):
-        """``(eta, eta_zi or None, disp or None)``: the linear predictors at the
-        parameters ``(x, u)`` on the data ``d`` (`_newdata`), traceable."""
-        p = self.model.space.unflatten(x, u)
+    def _linear_predictors(self, p, d, population=False):
+        """``(eta, eta_zi or None, disp or None)`` at the parameters ``p`` (by name)
+        on the data ``d`` (`_newdata`), traceable: predictions, residuals, the
+        simulator and the zero-inflation check share it."""
         eta = self._eta_fn(d, "cond", population)(p)
         zi = self._eta_fn(d, "zi", population)(p) if "zi" in d else None
         disp = d["disp"]["X"] @ p["betadisp"] + d["disp"]["offset"] if self.family.has_disp else None
         return eta, zi, disp
 
+    def _program(self, key, make):
+        """The compiled program ``make()`` (a function for `Model.jit`), kept under
+        ``key`` for this fit: a method called again runs it again instead of
+        tracing a new closure. (Op by op, each operation's first use in a process
+        compiles its own program: 0.7-1.0 s of a fresh process's first ``predict()``.)"""
+        progs = self.__dict__.setdefault("_programs", {})
+        if key not in progs:
+            progs[key] = self.model.jit(make())
+        return progs[key]
+
     def _predict_program(self, type, population):
         """Predictions ``(x, u, d) -> eta`` (``type="link"``) or the conditional mean,
-        one compiled program per (type, population) and data shapes. Op by op,
-        each operation's first use in a process compiles its own program: 0.7-1.0 s
-        of a fresh process's first ``predict()``."""
+        one compiled program per (type, population) and data shapes; plain `jax.jit`
+        (`_delta_se` differentiates it inside its own program)."""
         progs = self.__dict__.setdefault("_predict_programs", {})
         key = (type, population)
         if key not in progs:
             def run(x, u, d):
-                eta, zi, disp = self._predictors(x, u, d, population)
+                p = self.model.space.unflatten(x, u)
+                eta, zi, disp = self._linear_predictors(p, d, population)
                 if type == "link":
                     return eta
-                psi = self.model.space.unflatten(x, u).get("psi")
-                return self.family.mean(eta, disp=disp, psi=psi, zi=zi, trials=None)
+                return self.family.mean(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=None)
 
             progs[key] = jax.jit(run)
         return progs[key]
@@ -478,16 +487,20 @@ class GlmmFit:
         if type == "response":
             return yy - mu
         _, d = self._newdata(None)
-        fam = self.family
 
-        @self.model.jit  # (one program, as `_predict_program`)
-        def res(x, u, d, y, trials):
-            eta, zi, disp = self._predictors(x, u, d)
-            psi = self.model.space.unflatten(x, u).get("psi")
-            if type == "pearson":
-                return fam.variance(eta, disp=disp, psi=psi, zi=zi, trials=trials)
-            return fam.deviance_residuals(y, eta, disp=disp, psi=psi, trials=trials)
+        def make():
+            fam = self.family
 
+            def res(x, u, d, y, trials):
+                p = self.model.space.unflatten(x, u)
+                eta, zi, disp = self._linear_predictors(p, d)
+                if type == "pearson":
+                    return fam.variance(eta, disp=disp, psi=p.get("psi"), zi=zi, trials=trials)
+                return fam.deviance_residuals(y, eta, disp=disp, psi=p.get("psi"), trials=trials)
+
+            return res
+
+        res = self._program(("residuals", type), make)
         out = np.asarray(res(jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), d, y, trials))
         return (yy - mu) / np.sqrt(out) if type == "pearson" else out
 
