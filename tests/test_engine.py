@@ -523,6 +523,9 @@ def test_layouts_factorize_like_dense_linear_algebra(kind, monkeypatch):
     np.testing.assert_allclose(np.asarray(F.solve(b)), Ainv @ b, atol=1e-10)
     np.testing.assert_allclose(np.asarray(F.solve(b[:, 0])), Ainv @ b[:, 0], atol=1e-10)
     np.testing.assert_allclose(np.asarray(F.diag_inverse()), np.diag(Ainv), atol=1e-12)
+    # H^-1 on H's own pattern (the selected inverse), either order of each pair
+    np.testing.assert_allclose(np.asarray(F.inverse_entries(r, c)), Ainv[r, c], atol=1e-12)
+    np.testing.assert_allclose(np.asarray(F.inverse_entries(c, r)), Ainv[c, r], atol=1e-12)
     # the log-determinant's derivative through the factorization is tr(A^-1 dA)
     i, j = r[len(r) // 2], c[len(c) // 2]
     dA = np.zeros_like(A)

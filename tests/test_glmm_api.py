@@ -30,7 +30,7 @@ def test_predict_matches_glmmtmb(sleep_fit):
         np.testing.assert_allclose(out["se_fit"], ref[kind]["se"], rtol=2e-3)
 
 
-@pytest.mark.parametrize("layout", ["arrow", "dense"])
+@pytest.mark.parametrize("layout", ["arrow", "dense", "banded"])
 def test_prediction_se_from_row_effects_equals_reverse_mode(layout):
     """predict's standard errors take the random part P H^-1 P' from one forward
     derivative per term and column and the inverse Hessian's entries between each
@@ -66,9 +66,15 @@ def test_prediction_se_of_a_structured_term_equals_reverse_mode():
     np.testing.assert_allclose(fit._delta_se(phi, d), want, rtol=1e-10)
 
 
-def test_ranef_matches_glmmtmb(sleep_fit):
+@pytest.mark.parametrize("layout", [None, "banded"])
+def test_ranef_matches_glmmtmb(sleep_fit, layout):
+    """The modes and conditional sds, on the chosen layout and on a banded one
+    (the conditional covariance blocks from its selected inverse)."""
     ref = SLEEP["ranef"]
-    re = sleep_fit.ranef()["Subject"]
+    fit = sleep_fit if layout is None else tmbx.glmm("Reaction ~ Days + (Days|Subject)",
+                                                     data=tmbx.load_dataset("sleepstudy"), layout=layout)
+    assert layout is None or fit.model.laplace.layout.kind == layout
+    re = fit.ranef()["Subject"]
     modes = pd.DataFrame(ref["mode"]).set_index("_row")
     np.testing.assert_allclose(re["Intercept"].to_numpy(), modes["(Intercept)"].to_numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(re["Days"].to_numpy(), modes["Days"].to_numpy(), rtol=1e-4, atol=1e-4)
@@ -177,6 +183,7 @@ def test_anova_lrt():
     (dict(formula="Reaction ~ Days + (1|Subject)", family="poissson"), "poisson"),
     (dict(formula="Reaction ~ Days + foo(Days|Subject)"), "structure|foo"),
     (dict(formula="Reaction ~ Days + ar1(Days + 0|Subject)"), "factor"),
+    (dict(formula="Reaction ~ Days + (1|Subject)", layout="block"), "layout must be one of"),
 ])
 def test_bad_input_is_refused_clearly(kwargs, match):
     df = tmbx.load_dataset("sleepstudy")

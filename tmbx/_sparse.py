@@ -986,6 +986,29 @@ class BandedFactor(eqx.Module):
         d = jnp.diagonal(Sd, axis1=1, axis2=2).reshape(-1)[: lay.n]
         return d[lay.iperm]
 
+    def inverse_entries(self, rows, cols):
+        """Entries (rows[i], cols[i]) of H^-1 on the band (the selected inverse):
+        pairs in one diagonal block or in neighbouring blocks of the permuted
+        order, which every pair of H's own pattern is (a random effect's levels'
+        blocks for `ranef`'s conditional variances, a row's effects for
+        prediction standard errors)."""
+        lay = self.layout
+        pr = lay.iperm[np.asarray(rows, np.int64)]
+        pc = lay.iperm[np.asarray(cols, np.int64)]
+        # the upper neighbour's entries are the lower one's transposed
+        up = pr // lay.s < pc // lay.s
+        pr, pc = np.where(up, pc, pr), np.where(up, pr, pc)
+        br, bc = pr // lay.s, pc // lay.s
+        if np.any(br - bc > 1):
+            raise NotImplementedError("inverse entries outside the band of a banded layout")
+        ir, ic = pr % lay.s, pc % lay.s
+        Sd, Ssub = self._selected_inverse()
+        sub = br == bc + 1
+        out = Sd[br, ir, ic]
+        if np.any(sub) and lay.nb > 1:
+            out = jnp.where(jnp.asarray(sub), Ssub[np.where(sub, bc, 0), ir, ic], out)
+        return out
+
 
 def banded_layout(n, rows, cols) -> BandedLayout:
     """Banded layout in the better of the natural and the RCM ordering."""
@@ -1024,6 +1047,19 @@ def _arrow_candidates(n, rows, cols, max_tail):
     return order, sorted(set(sizes))
 
 
+#: the layouts a caller may force (`choose_layout`)
+LAYOUTS = ("dense", "arrow", "banded")
+
+
+def check_layout(layout) -> None:
+    """Refuse a layout name `choose_layout` does not know, naming those it does
+    (an arrow layout may also come as ``("arrow", tail indices)``)."""
+    if layout is None or layout in LAYOUTS or (isinstance(layout, tuple) and layout and layout[0] == "arrow"):
+        return
+    raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None (chosen by "
+                     f"predicted cost), got {layout!r}")
+
+
 def choose_layout(n: int, rows: np.ndarray, cols: np.ndarray, *, dense_max: int = 600,
                   force: str | None = None, solver="exact"):
     """Pick the cheapest layout for a symmetric ``n x n`` pattern (rows, cols).
@@ -1040,6 +1076,7 @@ def choose_layout(n: int, rows: np.ndarray, cols: np.ndarray, *, dense_max: int 
         opts, solver = solver, "iterative"
     else:
         opts = IterativeOptions()
+    check_layout(force)
     if solver not in ("exact", "iterative", "auto"):
         raise ValueError(f"solver must be 'exact', 'iterative', 'auto' or an IterativeOptions, got {solver!r}")
     layout = _choose_exact(n, rows, cols, dense_max=dense_max, force=force)

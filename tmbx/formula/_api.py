@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._internal import gc_deferred
+from .._sparse import check_layout
 from ._design import build_design
 from ._fit import GlmmFit
 from ._template import build_template, resolve_family
@@ -45,10 +46,15 @@ def glmm(formula: str, data: pd.DataFrame, family="gaussian", ziformula=None, di
     "iterative" (linear in the rows on crossed designs: conjugate gradients and
     stochastic log-determinants with fixed-seed probes; `tmbx.IterativeOptions`
     sets probes and tolerances), "auto" (iterative only where its predicted
-    cost is lower than the exact factorization's).
+    cost is lower than the exact factorization's). ``layout``: the storage of
+    the random effects' Hessian, "dense", "arrow" (one block per level of the
+    largest grouping factor, the other factors' levels dense) or "banded"
+    (block-tridiagonal after a bandwidth-reducing ordering); None chooses by
+    predicted cost.
     """
     if method not in ("auto", "laplace"):
         raise ValueError(f"method must be 'auto' or 'laplace', got {method!r}")
+    check_layout(layout)
     if REML is not None:
         reml = REML
     if not isinstance(data, pd.DataFrame):
