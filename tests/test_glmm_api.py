@@ -184,11 +184,21 @@ def test_anova_lrt():
     (dict(formula="Reaction ~ Days + foo(Days|Subject)"), "structure|foo"),
     (dict(formula="Reaction ~ Days + ar1(Days + 0|Subject)"), "factor"),
     (dict(formula="Reaction ~ Days + (1|Subject)", layout="block"), "layout must be one of"),
+    (dict(formula="Reaction ~ Days + (1|Subject)", start={"beta": [1.0, 2.0, 3.0]}),
+     "start\\['beta'\\] has 3 value.*beta has 2 \\(Intercept, Days\\)"),
 ])
 def test_bad_input_is_refused_clearly(kwargs, match):
     df = tmbx.load_dataset("sleepstudy")
     with pytest.raises(ValueError, match=match):
         tmbx.glmm(data=df, **kwargs)
+
+
+def test_empty_data_and_bad_devices_are_refused_clearly():
+    df = tmbx.load_dataset("sleepstudy")
+    with pytest.raises(ValueError, match="no rows"):
+        tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df.iloc[:0])
+    with pytest.raises(TypeError, match="list of JAX devices"):
+        tmbx.glmm("Reaction ~ Days + (1|Subject)", data=df, devices="gpu")
 
 
 def test_response_outside_support_and_single_level():

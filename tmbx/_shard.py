@@ -34,9 +34,13 @@ def _device_list(devices):
                              "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set before "
                              "JAX starts gives N host devices")
         return list(avail[:devices])
-    out = list(devices)
+    out = list(devices) if not isinstance(devices, str) else [devices]
     if not out:
         raise ValueError("devices is empty")
+    bad = [d for d in out if not isinstance(d, jax.Device)]
+    if bad:
+        raise TypeError(f"devices must be a number of devices or a list of JAX devices (jax.devices()), "
+                        f"got {bad[0]!r}")
     return out
 
 

@@ -175,6 +175,8 @@ def build_design(formula, data, ziformula=None, dispformula=None, weights=None, 
     parsed = _parse_all(formula, ziformula, dispformula)
     for p in parsed.values():
         _check_names(p, data, env)
+    if len(data) == 0:
+        raise ValueError("The data frame has no rows.")
     w_full = _argument_vector(weights, data, "weights")
     o_full = _argument_vector(offset, data, "offset")
     keep = _complete_rows(parsed, data, w_full, o_full, weights, offset, na_action)

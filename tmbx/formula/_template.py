@@ -156,8 +156,12 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
         for k, v in start.items():
             if k not in params:
                 raise ValueError(f"start: {k!r} is not a parameter of this model ({list(params)})")
-            v = np.asarray(v, float).reshape(np.shape(params[k]))
-            params[k] = v
+            v = np.asarray(v, float)
+            if v.size != np.size(params[k]):
+                which = f" ({', '.join(names[k])})" if k in names and len(names[k]) == np.size(params[k]) else ""
+                raise ValueError(f"start[{k!r}] has {v.size} value(s); this model's {k} has "
+                                 f"{np.size(params[k])}{which}")
+            params[k] = v.reshape(np.shape(params[k]))
 
     data = {
         "y": design.y.astype(float),
