@@ -65,6 +65,9 @@ class LatentGaussian:
     obs_nll: Callable
     latent_nll: Callable
     jacobian: tuple | None = None  # optional (rows, cols, colours) of d eta / du over u's indices
+    #: optional ``(p, d) -> values`` of d eta / du at ``jacobian``'s entries, in its
+    #: order (rows indexing the flattened ``eta``): in place of one JVP per colour
+    jacobian_values: Callable | None = None
     latent_diagonal: bool = False  # latent_nll's Hessian in u is diagonal: no pattern detection
     prepare: Callable | None = None
 
@@ -237,6 +240,8 @@ class Model:
                 lambda x, u, d: lg.latent_nll(space.unflatten(x, u), d),
                 x0, u0, self.data, layout_kind=layout, jacobian=lg.jacobian, solver=self.solver,
                 latent_diagonal=lg.latent_diagonal,
+                jacobian_values=None if lg.jacobian_values is None else (
+                    lambda x, u, d: lg.jacobian_values(space.unflatten(x, u), d)),
             )
         else:
             # the pattern and its colouring, kept under the template's key (`ColoredHessian`)

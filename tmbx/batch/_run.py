@@ -107,7 +107,8 @@ def bucket_model(spec: BucketSpec):
 
         tmpl = build_template(spec.design, spec.family, **spec.template_kw)
         lap = tmpl.model.laplace
-        if spec.blocks is not None and lap is not None and isinstance(lap.hessian, LatentGaussianHessian):
+        if (spec.blocks is not None and lap is not None and isinstance(lap.hessian, LatentGaussianHessian)
+                and lap.hessian.blocks is None):
             lap.hessian = LevelBlockHessian(lap.hessian, *spec.blocks)
         _MODELS[spec.token] = (tmpl, None)
     return _MODELS[spec.token]

@@ -246,13 +246,13 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
 
         groups = agq_groups(space, params, terms_c + terms_z, design, nagq)
     K = 2 if zi_random else 1
-    jac = _jacobian_structure(space, terms_c, terms_z, data, K, reml)
+    jac, jac_values = _jacobian_structure(space, terms_c, terms_z, data, K, reml)
     if layout is None:
         layout = _layout_hint(space, terms_c + terms_z)
     # the random effects are spherical (b = T u, u ~ N(0, I)): the latent Hessian is
     # diagonal unless a prior adds terms (a prior on REML's integrated fixed effects)
     lg = LatentGaussian(eta=eta_fn, obs_nll=obs_nll, latent_nll=latent_nll, jacobian=jac,
-                        latent_diagonal=prior_nll is None, prepare=prepare)
+                        jacobian_values=jac_values, latent_diagonal=prior_nll is None, prepare=prepare)
     kw = {} if outer is None else {"outer": outer}
     quadratic = fam.name == "gaussian" and fam.link.name == "identity" and not has_zi
     if groups is not None:
@@ -263,30 +263,38 @@ def build_template(design, family, *, reml=False, start=None, map=None, layout=N
 
 
 def _jacobian_structure(space, terms_c, terms_z, data, K, reml):
-    """Pattern and column colours of d eta / du, known from the design.
+    """Pattern and column colours of d eta / du, known from the design, and a
+    function ``(p, d) -> values`` of its entries in the same order.
 
     Term columns: observation i touches level index_i of each term, all k of its
-    columns (T mixes them); levels of one factor never share an observation, so
+    columns (T mixes them), with the value ``(Z T)[i, l]`` (``eta_i`` adds
+    ``Z_i T u_level``); levels of one factor never share an observation, so
     every level of a term column gets that column's colour. REML's integrated
-    fixed effects touch every row: a colour each.
+    fixed effects touch every row where their column of X is not zero: a
+    colour each.
     """
     rows, cols, colors = [], [], []
     n_u = space.n_u
     color_of = np.full(n_u, -1, np.int64)
     next_color = 0
+    parts = []  # per term: (comp, j, term, entries of (Z T)' kept or None); REML: (comp, None, column, rows)
     for comp, terms, kk in (("cond", terms_c, 0), ("zi", terms_z, 1)):
         key = "b" if comp == "cond" else "bzi"
         for j, t in enumerate(terms):
             idx = np.asarray(data[comp]["index"][j], np.int64)
             N = idx.shape[0]
             pos = space.index[key][t.b_slice]
+            kept = []
             for l in range(t.k):
                 u_idx = pos[idx * t.k + l]
                 keep = u_idx >= 0
                 rows.append(np.arange(N)[keep] * K + kk)
                 cols.append(u_idx[keep])
+                kept.append(l * N + np.nonzero(keep)[0])
                 color_of[pos[l::t.k][pos[l::t.k] >= 0]] = next_color
                 next_color += 1
+            kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+            parts.append((comp, j, t, None if kept.size == N * t.k else kept))
     if reml:
         for comp, key, kk in (("cond", "beta", 0), ("zi", "betazi", 1)):
             if key in space.random:
@@ -297,13 +305,27 @@ def _jacobian_structure(space, terms_c, terms_z, data, K, reml):
                     nz = np.nonzero(X[:, j])[0]
                     rows.append(nz * K + kk)
                     cols.append(np.full(nz.shape, u_idx))
+                    parts.append((comp, None, j, nz))
                     color_of[u_idx] = next_color
                     next_color += 1
     if not rows:
-        return None
+        return None, None
     if np.any(color_of < 0):
         color_of[color_of < 0] = next_color  # unused entries: one spare colour
-    return np.concatenate(rows), np.concatenate(cols), color_of
+
+    def values(p, d):
+        out = []
+        for comp, j, t, sel in parts:
+            if j is None:  # REML: column t of X at its rows sel
+                out.append(d[comp]["X"][sel, t])
+                continue
+            theta = p["theta" if comp == "cond" else "thetazi"]
+            T = t.struct.factor(theta[t.theta_slice]).reshape(t.k, t.k)
+            v = (d[comp]["Z"][j] @ T).T.reshape(-1)  # column by column, rows in order
+            out.append(v if sel is None else v[sel])
+        return jnp.concatenate(out)
+
+    return (np.concatenate(rows), np.concatenate(cols), color_of), values
 
 
 def _layout_hint(space, terms):
