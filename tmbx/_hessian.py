@@ -204,9 +204,13 @@ class LatentGaussianHessian:
             # an observation) skips the detection, which is slow for millions of rows
             jr, jc, colors = (np.asarray(a, np.int64) for a in jacobian)
             ncolors = int(colors.max()) + 1 if colors.size else 0
-        self.jrows = to_device(jr, np.int32)
-        self.jcolor_of_entry = to_device(colors[jc], np.int32)
         self.ncolors = ncolors
+        self._coloring = (jr.astype(np.int32), colors[jc].astype(np.int32), colors, ncolors)
+        # the JVP colouring's index arrays (`colored_jacobian_values`), unless the
+        # caller gives J's values: an ar1 term's seeds are colours x effects
+        self.jrows = self.jcolor_of_entry = self.jseeds = None
+        if jacobian_values is None:
+            self._colored_arrays()
         # latent part
         if latent_diagonal:  # declared by the caller: no detection (nor asdex's import)
             self.lat = DiagonalHessianPart(n).bind(latent_nll)
@@ -243,7 +247,7 @@ class LatentGaussianHessian:
         self.jdest = self.wrow = self.orows = None
         other = np.arange(self.N)
         if R >= self.BLOCK_MIN_R:
-            split = _block_rows(self.layout, ucol, okent, order, obs, pred, jc, self.K)
+            split = _block_rows(self.layout, ucol, okent, obs, pred, jc, self.K)
             if split is not None:
                 self.blocks, jdest, wrow, other = split
                 self.jdest, self.wrow = to_device(jdest, np.int32), to_device(wrow, np.int32)
@@ -259,7 +263,6 @@ class LatentGaussianHessian:
         s = np.where(valid & (s >= 0), s, self.layout.size)
         self.obs_slots = to_device(s.reshape(other.size, R, R), np.int32)
         self.lat_slots = to_device(_slots_with_dummy(self.layout, self.lat.rows, self.lat.cols))
-        self.jseeds = to_device(_seeds(colors, ncolors))
 
     def jacobian_values(self, x, u, data):
         """Values of J = d eta / du at its pattern entries: from the caller's
@@ -270,6 +273,19 @@ class LatentGaussianHessian:
         carried k copies of its k x k cotangent (at k = 400, most of a gradient)."""
         if self._jacobian_values is not None:
             return self._jacobian_values(x, u, data)
+        return self.colored_jacobian_values(x, u, data)
+
+    def _colored_arrays(self):
+        jr, color_of_entry, colors, ncolors = self._coloring
+        self.jrows = to_device(jr, np.int32)
+        self.jcolor_of_entry = to_device(color_of_entry, np.int32)
+        self.jseeds = to_device(_seeds(colors, ncolors))
+
+    def colored_jacobian_values(self, x, u, data):
+        """`jacobian_values` by the JVP colouring, whether or not the caller gives
+        them (a check of the caller's)."""
+        if self.jseeds is None:
+            self._colored_arrays()
         f = lambda uu: self.eta_fn(x, uu, data).reshape(-1)
         jvp = lambda s: jax.jvp(f, (u,), (s,))[1]
         B = jax.vmap(jvp)(self.jseeds)  # (ncolors, N*K)
@@ -325,7 +341,7 @@ def _row_pairs(ucol, ok, dedupe):
     return pr[keep], pc[keep]
 
 
-def _block_rows(layout, ucol, ok, order, obs, pred, jc, K):
+def _block_rows(layout, ucol, ok, obs, pred, jc, K):
     """Rows whose J entries all lie in one block of the layout (the dense
     matrix; one head block of an arrow layout), for `LatentGaussianHessian`'s
     batched products, when those cost less than the rows' scatter.
