@@ -180,8 +180,16 @@ def check_zeroinflation(fit) -> dict:
         raise ValueError("check_zeroinflation(): the response has no zeros, so there is nothing to check.")
     p = {k: jnp.asarray(v) for k, v in fit._par().items()}
     _, d = fit._newdata(None)
-    eta, zi, disp = fit._linear_predictors(p, d)
-    kw = {"zi": zi} if zi is not None else {}
-    logp0 = fam.log_prob(jnp.zeros_like(eta), eta, disp=disp, psi=p.get("psi"), **kw)
-    predicted = round(float(np.sum(np.exp(np.asarray(logp0)))))
+
+    def expected_zeros():
+        def run(p, d):
+            eta, zi, disp = fit._linear_predictors(p, d)
+            kw = {"zi": zi} if zi is not None else {}
+            return jnp.sum(jnp.exp(fam.log_prob(jnp.zeros_like(eta), eta, disp=disp, psi=p.get("psi"), **kw)))
+
+        return run
+
+    # one compiled program, kept with the fit (op by op, owls_zinb1's first call
+    # compiled for 2 s)
+    predicted = round(float(fit._program("expected_zeros", expected_zeros)(p, d)))
     return {"observed": observed, "predicted": predicted, "ratio": predicted / observed}
