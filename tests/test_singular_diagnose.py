@@ -136,12 +136,28 @@ def test_diagnose_complete_separation(separation):
 
 
 def test_diagnose_non_pd_hessian_names_parameter(zip_without_zeros):
-    fit, _ = zip_without_zeros
+    fit, msgs = zip_without_zeros
     rep = fit.diagnose(check_gradient=False)
     hess = next(p for p in rep.problems if p.kind == "hessian")
     assert hess.params == ["betazi:Intercept"]
     assert "not positive definite" in hess.message
     assert "large_coef" in rep.kinds() and "zero-inflation" in str(rep)
+    # glmmTMB warns at fit time ("Model convergence problem"): so do we, naming the
+    # parameter and what its estimate means
+    msg = next(m for m in msgs if "convergence problem" in m)
+    assert "betazi:Intercept" in msg and "drop ziformula" in msg
+
+
+def test_fit_time_hessian_warning_only_where_the_hessian_is_singular():
+    """Zero-inflation on a Gaussian response without zeros (glmmTMB 1.1.5: the zi
+    logit at -394.8, logLik -897.0393 and "Model convergence problem; extreme or
+    very small eigenvalues detected") warns; the same model without it does not."""
+    df = tmbx.load_dataset("sleepstudy")
+    fit, msgs = _fit("Reaction ~ Days + (1|Subject)", data=df, ziformula="~1")
+    assert fit.loglik == pytest.approx(-897.0393, abs=1e-4)
+    assert any("convergence problem" in m and "betazi:Intercept" in m for m in msgs)
+    _, msgs = _fit("Reaction ~ Days + (1|Subject)", data=df, method="laplace")
+    assert not any("convergence problem" in m for m in msgs)
 
 
 def test_diagnose_predictor_scales(separation):

@@ -272,11 +272,41 @@ def warn_fit(fit, caught=()) -> None:
     for w in caught:
         if issubclass(w.category, RuntimeWarning) and "did not converge" in str(w.message):
             continue
-        warnings.warn(w.message, w.category, stacklevel=3)
+        warnings.warn(w.message, w.category, stacklevel=4)
     if not fit.converged:
         warnings.warn(f"Model did not converge: {fit.message}.\nMost likely cause: {likely_cause(fit)}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return
     msg = singular_message(fit)
     if msg:
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        return
+    msg = _hessian_warning(fit)
+    if msg:
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _hessian_warning(fit) -> str | None:
+    """glmmTMB's "Model convergence problem" at fit time: an optimum the optimizer
+    accepts (its gradient is zero) whose Hessian is not positive definite or is
+    nearly singular (a zero-inflation logit running off to -inf, a nugget the
+    data cannot separate), with the parameters involved and, where they are
+    large coefficients, what they mean. From the optimizer's own Hessian: no
+    new evaluation."""
+    labels = parameter_labels(fit)
+    if not len(labels):
+        return None
+    H = np.asarray(fit._fit.hessian, float)
+    if H.shape != (len(labels), len(labels)) or not np.any(H):
+        return None  # (no Hessian: the optimizer did not polish)
+    if not np.all(np.isfinite(H)):
+        return ("Model convergence problem: the Hessian has non-finite entries at the estimates (parameters at "
+                "extreme values); see fit.diagnose().")
+    hp, _ = _hessian_problem(fit, H, labels, 1e-8)
+    if hp is None:
+        return None
+    involved = {p.split(":", 1)[0] for p in hp.params}
+    comps = {"beta": "cond", "betazi": "zi", "betadisp": "disp"}
+    extra = [p.message[0].upper() + p.message[1:] for p in _coefficient_problems(fit, 10.0)
+             if any(comps.get(k) == p.params[0].split(":", 1)[0] for k in involved)]
+    return "Model convergence problem: " + hp.message + "".join(" " + m for m in extra) + " (fit.diagnose() lists every check)"
