@@ -428,6 +428,36 @@ def test_latent_gaussian_path_matches_colored_path():
     np.testing.assert_allclose(f1.sdreport().se_random["u"], f2.sdreport().se_random["u"], rtol=1e-6)
 
 
+def test_latent_gaussian_block_products_match_colored_path():
+    """A user's template whose rows each load on all 12 effects of their group
+    (asdex reads J's pattern): the latent Hessian's blocks as matrix products
+    of each group's rows give the plain template's (coloured) values, fit and
+    random-effect standard errors."""
+    from tmbx._hessian import LatentGaussianHessian
+
+    rng = np.random.default_rng(5)
+    ng, k, per = 6, 12, 30
+    g = np.repeat(np.arange(ng), per)
+    Z = rng.normal(size=(ng * per, k)) / np.sqrt(k)
+    y = rng.poisson(np.exp(0.3 + np.sum(Z * rng.normal(0, 0.6, (ng, k))[g], axis=1))).astype(float)
+    d = dict(y=y, g=g, Z=Z)
+    params = dict(beta=0.0, ls=0.0, u=np.zeros(ng * k))
+    eta = lambda p, d: p["beta"] + jnp.sum(d["Z"] * p["u"].reshape(ng, k)[d["g"]], axis=1)
+    obs = lambda e, p, d: -(d["y"] * e - jnp.exp(e))
+    lat = lambda p, d: -jnp.sum(jst.norm.logpdf(p["u"], 0, jnp.exp(p["ls"])))
+    lg = tmbx.LatentGaussian(eta=eta, obs_nll=obs, latent_nll=lat)
+    m1 = tmbx.Model(None, params, data=d, random=["u"], latent_gaussian=lg, layout="arrow")
+    m2 = tmbx.Model(lg.nll, params, data=d, random=["u"], layout="dense")
+    h = m1.laplace.hessian
+    assert isinstance(h, LatentGaussianHessian) and h.blocks == (ng, per, k) and h.n_scattered == 0
+    x = np.array([0.1, -0.2])
+    assert abs(m1.fn(x) - m2.fn(x)) < 1e-9
+    np.testing.assert_allclose(m1.gr(x), m2.gr(x), rtol=1e-8, atol=1e-9)
+    f1, f2 = m1.fit(), m2.fit()
+    assert abs(f1.loglik - f2.loglik) < 1e-8
+    np.testing.assert_allclose(f1.sdreport().se_random["u"], f2.sdreport().se_random["u"], rtol=1e-6)
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_templates_give_clear_errors():
     d, ng = _lmm_data()
