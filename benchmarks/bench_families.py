@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from _worker import run_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -85,10 +86,7 @@ def worker(tool: str, case: str) -> dict:
 
 
 def run(tool: str, case: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", tool, case], capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, __file__, "--worker", tool, case])
 
 
 def main():

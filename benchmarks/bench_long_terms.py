@@ -21,10 +21,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from _worker import run_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -85,11 +86,7 @@ def worker(case: str) -> dict:
 
 
 def run_tmbx(case: str) -> dict:
-    env = dict(os.environ, TMBX_NO_CACHE="1")
-    out = subprocess.run([sys.executable, __file__, "--worker", case], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, __file__, "--worker", case], env=dict(os.environ, TMBX_NO_CACHE="1"))
 
 
 def run_glmmtmb(case: str) -> dict:
@@ -98,12 +95,9 @@ def run_glmmtmb(case: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as f:
         f.write(R_SCRIPT)
     try:
-        out = subprocess.run(["Rscript", f.name, data_path(case)], capture_output=True, text=True)
+        return run_json(["Rscript", f.name, data_path(case)])
     finally:
         os.unlink(f.name)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
