@@ -202,3 +202,18 @@ def test_allfit_cbpp_matches_glmmTMB():
     for name, v in c["glmmTMB"]["fixef"]["cond"].items():
         col = "Intercept" if name == "(Intercept)" else name.replace("period", "period[T.") + "]"
         np.testing.assert_allclose(ok[col], v, atol=1e-3)
+
+
+def test_singular_kernel_term_is_one_line():
+    """An ou term (a kernel over 80 times, one group) whose sd goes to zero on
+    counts without any serial structure: one line for the term, not one per time
+    point (nor one combination per near-null direction of a smooth kernel), and
+    no advice that only fits plain terms (diag/cs/rr; "fewer than 6 levels")."""
+    rng = np.random.default_rng(7)
+    df = pd.DataFrame({"t": np.arange(80.0), "g": "a", "y": rng.poisson(2.0, 80)})
+    fit, msgs = _fit("y ~ 1 + ou(pos(t) + 0|g)", data=df, family="poisson")
+    msg = next(m for m in msgs if "singular" in m)
+    assert "the variance of its ou term is (nearly) zero" in msg
+    assert len(msg.splitlines()) == 3
+    assert "fewer than 6 levels" not in msg and "diag(" not in msg
+    assert fit.is_singular()

@@ -25,9 +25,12 @@ import pandas as pd
 
 from .._internal import eval_method
 
-# structures judged on their sd only: a kernel over close locations is
-# numerically rank-deficient by design
-_SD_ONLY = ("exp", "gau", "mat", "propto", "equalto")
+# structures judged on their sd only: a kernel over close locations (or close
+# times: ``ou`` is ``exp`` in one dimension) is numerically rank-deficient by
+# design
+_SD_ONLY = ("exp", "gau", "mat", "ou", "propto", "equalto")
+#: directions (and a combination's entries) listed in the singular-fit warning
+MAX_SHOWN = 6
 
 
 @dataclasses.dataclass
@@ -46,7 +49,9 @@ class SingularDirection:
         if len(big) == 1:
             what = f"the variance of {big.index[0]!r} is (nearly) zero"
         else:
-            combo = " ".join(f"{v:+.2f}*{n}" for n, v in big.items())
+            combo = " ".join(f"{v:+.2f}*{n}" for n, v in big.iloc[:MAX_SHOWN].items())
+            if len(big) > MAX_SHOWN:
+                combo += f" (and {len(big) - MAX_SHOWN} more)"
             what = f"the combination {combo} has (nearly) zero variance"
             if len(big) == 2 and len(d) == 2:
                 what += " (a correlation at +/-1)"
@@ -138,10 +143,25 @@ def singular_message(fit, tol: float = 1e-4) -> str | None:
     if not dirs:
         return None
     lines = ["boundary (singular) fit: some random-effect variance is estimated at zero"]
-    lines += [f"  - {d.describe()}" for d in dirs]
-    terms = sorted({d.term for d in dirs})
-    small = [t for t in fit.template.terms if t.group in {d.group for d in dirs} and t.m < 6]
-    multi = any(t.k > 1 for t in fit.template.terms if t.group in {d.group for d in dirs})
+    terms = list(dict.fromkeys(d.term for d in dirs))
+    for term in terms:
+        mine = [d for d in dirs if d.term == term]
+        if mine[0].structure in _SD_ONLY and len(mine) == len(mine[0].direction) > 1:
+            # one sd for all of the term's columns (a kernel over positions): one line
+            lines.append(f"  - {term}: the variance of its {mine[0].structure} term is (nearly) zero "
+                         f"(relative sd {mine[0].value:.2g})")
+            continue
+        lines += [f"  - {d.describe()}" for d in mine[:MAX_SHOWN]]
+        if len(mine) > MAX_SHOWN:
+            lines.append(f"  - {term}: and {len(mine) - MAX_SHOWN} more directions (fit.rePCA() lists them)")
+    terms = sorted(terms)
+    # (a structure of a few parameters over many columns, such as a kernel over
+    # positions or times, has nothing to simplify, and its group may well be one
+    # series or one map)
+    flagged = [t for t in fit.template.terms if t.group in {d.group for d in dirs}]
+    plain = [t for t in flagged if t.struct.name not in _SD_ONLY + ("ar1",)]
+    small = [t for t in plain if t.m < 6]
+    multi = any(t.k > 1 for t in plain)
     tips = ["drop the term or simplify it: uncorrelated effects (diag(...|g)), compound symmetry "
             "(cs(...|g)) or a reduced rank (rr(...|g, d))" if multi else
             "drop the term (the data show no variation between its levels beyond the residual)"]
