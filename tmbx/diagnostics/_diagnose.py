@@ -309,4 +309,5 @@ def _hessian_warning(fit) -> str | None:
     comps = {"beta": "cond", "betazi": "zi", "betadisp": "disp"}
     extra = [p.message[0].upper() + p.message[1:] for p in _coefficient_problems(fit, 10.0)
              if any(comps.get(k) == p.params[0].split(":", 1)[0] for k in involved)]
-    return "Model convergence problem: " + hp.message + "".join(" " + m for m in extra) + " (fit.diagnose() lists every check)"
+    return ("Model convergence problem: " + hp.message + "".join(" " + m for m in extra)
+            + " (fit.diagnose() lists every check)")
