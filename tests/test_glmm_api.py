@@ -49,7 +49,7 @@ def test_prediction_se_from_row_effects_equals_reverse_mode(layout):
         _, d = fit._newdata(new)
         prog = fit._predict_program(kind, False)
         phi = lambda xx, uu: prog(xx, uu, d)
-        assert fit._row_effects(d) is not None
+        assert fit._row_effect_pairs(d) is not None  # (the layout gives the entries: not reverse mode twice)
         np.testing.assert_allclose(fit._delta_se(phi, d), fit._delta_se(phi), rtol=1e-10)
 
 
@@ -61,7 +61,7 @@ def test_prediction_se_of_a_structured_term_equals_reverse_mode():
     _, d = fit._newdata(None)
     prog = fit._predict_program("link", False)
     phi = lambda xx, uu: prog(xx, uu, d)
-    assert fit._row_effects(d)[0].shape[1] == 4
+    assert fit._row_effect_pairs(d)[0].shape[1] == 4
     want = fit._delta_se(phi)
     np.testing.assert_allclose(fit._delta_se(phi, d), want, rtol=1e-10)
 

@@ -405,21 +405,11 @@ class GlmmFit:
         lap = self.model.laplace
         x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
         V = jnp.asarray(np.nan_to_num(self.sdreport().cov_fixed))
-        effects = self._row_effects(newd) if newd is not None and lap is not None else None
-        if effects is not None and effects[0].shape[1] > self.MAX_ROW_EFFECTS:
-            effects = None  # (rows x effects^2 entries: reverse mode is cheaper)
+        effects = self._row_effect_pairs(newd)
         if effects is not None:
-            ucol, seeds = effects
+            ucol, seeds, pair_r, pair_c = effects
             n_c = ucol.shape[1]
-            # every row's pairs of effects, (rows, colours, colours) flattened
-            pair_r = np.repeat(ucol[:, :, None], n_c, axis=2).reshape(-1)
-            pair_c = np.repeat(ucol[:, None, :], n_c, axis=1).reshape(-1)
-
-            try:  # (traced only: does the layout give these entries?)
-                jax.eval_shape(lambda: lap.factor(x, u, d).inverse_entries(pair_r, pair_c))
-            except (AttributeError, NotImplementedError):
-                effects = None
-        if effects is None and lap is not None:
+        elif lap is not None:
             n = int(np.shape(jax.eval_shape(lambda: phi(x, u)))[0])
             if 16.0 * n * n > 8e9:
                 raise ValueError(
@@ -445,9 +435,38 @@ class GlmmFit:
 
         return np.sqrt(np.maximum(np.asarray(var(x, u)), 0))
 
+    def _row_effect_pairs(self, newd):
+        """``(ucol, seeds, pair_r, pair_c)`` where `_delta_se` takes the random part
+        from each row's own effects (`_row_effects`; ``pair_*``: every row's pairs
+        of them, (rows, colours, colours) flattened), None where it uses reverse
+        mode: no prediction data, held or shared effects, more than
+        `MAX_ROW_EFFECTS` a row (rows x effects^2 entries cost more), or a
+        layout without those entries of H^-1."""
+        lap = self.model.laplace
+        effects = self._row_effects(newd) if newd is not None and lap is not None else None
+        if effects is None or effects[0].shape[1] > self.MAX_ROW_EFFECTS:
+            return None
+        ucol, seeds = effects
+        n_c = ucol.shape[1]
+        pair_r = np.repeat(ucol[:, :, None], n_c, axis=2).reshape(-1)
+        pair_c = np.repeat(ucol[:, None, :], n_c, axis=1).reshape(-1)
+        # a row without a level of some term (a level not seen in fitting) has a
+        # zero derivative there: its pairs with that effect read any entry the
+        # layout has, a diagonal one (an off-pattern pair sent every prediction
+        # with a new level to reverse mode)
+        diag = np.where(pair_r >= 0, pair_r, np.maximum(pair_c, 0))
+        both = (pair_r >= 0) & (pair_c >= 0)
+        pair_r, pair_c = np.where(both, pair_r, diag), np.where(both, pair_c, diag)
+        x, u, d = jnp.asarray(self._fit.x), jnp.asarray(self._fit.u), self._fit.data
+        try:  # (traced only: does the layout give these entries?)
+            jax.eval_shape(lambda: lap.factor(x, u, d).inverse_entries(pair_r, pair_c))
+        except (AttributeError, NotImplementedError):
+            return None
+        return ucol, seeds, pair_r, pair_c
+
     def _row_effects(self, d):
         """``(ucol, seeds)`` for `_delta_se`: ``ucol[i, c]`` the position in u of row
-        i's effect of colour c (one colour per random-effect term and column; 0
+        i's effect of colour c (one colour per random-effect term and column; -1
         where the row has no level, its derivative then 0), ``seeds[c]`` the u
         vector with ones at every level's effect of colour c. None where some
         random effect is held or shared (``map``)."""
@@ -465,7 +484,7 @@ class GlmmFit:
                     return None
                 idx = np.asarray(d[comp]["index"][j])
                 for c in range(t.k):
-                    cols.append(np.where(idx >= 0, pos[np.maximum(idx, 0), c], 0))
+                    cols.append(np.where(idx >= 0, pos[np.maximum(idx, 0), c], -1))
                     seed = np.zeros(sp.n_u)
                     seed[pos[:, c]] = 1.0
                     seeds.append(seed)
